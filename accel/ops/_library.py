@@ -1,0 +1,28 @@
+"""The torch.library namespace ``accel`` that every op's schema is defined in, and the backend choice."""
+import torch
+
+from accel import _extension
+
+lib = torch.library.Library("accel", "FRAGMENT")
+
+
+def triton_available() -> bool:
+    """Whether Triton kernels can run on CUDA tensors here."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register_backends(name: str, reference_impl, triton_impl=None) -> None:
+    """Registers the kernels for accel::<name> that the C++ extension does not provide.
+
+    CPU: the C++ kernel from accel._C, else ``reference_impl``. CUDA: ``triton_impl`` when Triton is
+    usable, else ``reference_impl``.
+    """
+    if not _extension.LOADED:
+        lib.impl(name, reference_impl, "CPU")
+    lib.impl(name, triton_impl if triton_impl is not None and triton_available() else reference_impl, "CUDA")

@@ -1,0 +1,240 @@
+// DARTS mixed op on the CPU: out = sum_k w_k y_k and its backward, one pass over memory each.
+//
+// Forward reads every active y_k once and writes out once. Backward reads g and every active y_k once,
+// writes dy_k = w_k g and accumulates <g, y_k> in the same pass. A weight that is exactly zero switches
+// its branch off: its y_k is never read, dy_k = 0 and its weight gradient is 0.
+//
+// The reduction is two-stage with a fixed chunking (kReduceChunk elements, whatever the thread count),
+// each chunk summed in a fixed order in double, so results are bitwise reproducible run to run.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace accel {
+namespace {
+
+constexpr int64_t kBlock = 1024;         // elements per inner block: g and the partial sums stay in L1
+constexpr int64_t kReduceChunk = 32768;  // fixed reduction chunk (a multiple of kBlock)
+constexpr int kLanes = 8;                // independent accumulators: enough to vectorise the dot product
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// out[0:n] = sum over active k of w[k] * ys[k][0:n]
+template <typename T>
+inline void forward_block(const T* const* ys, const double* w, int64_t K, int64_t n, T* out) {
+  using A = acc_t<T>;
+  A acc[kBlock];
+  bool any = false;
+  for (int64_t k = 0; k < K; ++k) {
+    if (w[k] == 0.0) continue;
+    const A wk = static_cast<A>(w[k]);
+    const T* __restrict y = ys[k];
+    if (!any) {
+      for (int64_t j = 0; j < n; ++j) acc[j] = wk * static_cast<A>(y[j]);
+      any = true;
+    } else {
+      for (int64_t j = 0; j < n; ++j) acc[j] += wk * static_cast<A>(y[j]);
+    }
+  }
+  if (!any) {
+    for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(acc[j]);
+}
+
+// dy[0:n] = w * g[0:n];  lanes += g[0:n] * y[0:n] (double accumulators, kLanes wide)
+template <typename T>
+inline void backward_block(const T* __restrict g, const T* __restrict y, double w, int64_t n,
+                           T* __restrict dy, double* __restrict lanes) {
+  using A = acc_t<T>;
+  const A wa = static_cast<A>(w);
+  for (int64_t j = 0; j < n; ++j) dy[j] = static_cast<T>(wa * static_cast<A>(g[j]));
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      lanes[l] += static_cast<double>(g[j + l]) * static_cast<double>(y[j + l]);
+  }
+  for (; j < n; ++j) lanes[0] += static_cast<double>(g[j]) * static_cast<double>(y[j]);
+}
+
+template <typename T>
+ACCEL_CPU_CLONES void forward_range(const T* const* ys, const double* w, int64_t K, int64_t begin,
+                                    int64_t end, T* out) {
+  std::vector<const T*> ptrs(K);
+  for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - n0);
+    for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k] + n0;
+    forward_block(ptrs.data(), w, K, n, out + n0);
+  }
+}
+
+// One reduction chunk [begin, end): writes dy for every branch and partial[k] = <g, y_k> on the chunk.
+template <typename T>
+ACCEL_CPU_CLONES void backward_range(const T* g, const T* const* ys, const double* w, int64_t K,
+                                     int64_t numel, int64_t begin, int64_t end, T* dy, double* partial) {
+  std::vector<double> lanes(K * kLanes, 0.0);
+  for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      T* dyk = dy + k * numel + n0;
+      if (w[k] == 0.0) {
+        std::fill(dyk, dyk + n, T(0));
+        continue;
+      }
+      backward_block(g + n0, ys[k] + n0, w[k], n, dyk, lanes.data() + k * kLanes);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += lanes[k * kLanes + l];
+    partial[k] = s;
+  }
+}
+
+// Mixing weights in double: softmax(weights / tau) when tau is given, else the weights themselves.
+std::vector<double> mixing_weights(const at::Tensor& weights, std::optional<double> tau) {
+  auto wd = weights.to(at::kDouble).contiguous();
+  const double* p = wd.data_ptr<double>();
+  const int64_t K = wd.numel();
+  std::vector<double> w(p, p + K);
+  if (!tau.has_value()) return w;
+  double mx = -std::numeric_limits<double>::infinity();
+  for (double a : w) mx = std::max(mx, a / *tau);
+  double sum = 0.0;
+  for (auto& a : w) {
+    a = std::exp(a / *tau - mx);
+    sum += a;
+  }
+  for (auto& a : w) a /= sum;
+  return w;
+}
+
+void check_inputs(at::TensorList ys, const at::Tensor& weights, std::optional<double> tau) {
+  TORCH_CHECK(!ys.empty(), "mixed_op: ys must hold at least one tensor");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(ys.size()),
+              "mixed_op: weights must have shape (K,) with K = len(ys) = ", ys.size(), ", got ",
+              weights.sizes());
+  TORCH_CHECK(at::isFloatingType(weights.scalar_type()), "mixed_op: weights must be floating point, got ",
+              weights.scalar_type());
+  TORCH_CHECK(weights.device().is_cpu(), "mixed_op: weights must be on the CPU like ys, got ", weights.device());
+  TORCH_CHECK(!tau.has_value() || (std::isfinite(*tau) && *tau > 0), "mixed_op: tau must be finite and > 0, got ",
+              tau.value_or(0.0));
+  const auto& y0 = ys[0];
+  const auto dt = y0.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+              "mixed_op: ys must be float32, float64 or bfloat16, got ", dt);
+  for (size_t k = 0; k < ys.size(); ++k) {
+    TORCH_CHECK(ys[k].device().is_cpu(), "mixed_op: ys[", k, "] must be on the CPU, got ", ys[k].device());
+    TORCH_CHECK(ys[k].scalar_type() == dt, "mixed_op: ys[", k, "] has dtype ", ys[k].scalar_type(),
+                " but ys[0] has ", dt);
+    TORCH_CHECK(ys[k].sizes() == y0.sizes(), "mixed_op: ys[", k, "] has shape ", ys[k].sizes(),
+                " but ys[0] has ", y0.sizes());
+  }
+}
+
+// The kernels walk raw memory, so every operand must share one dense layout: the one torch.empty_like(ys[0])
+// gets (that of ys[0] when it is dense, NCHW and channels-last alike). Only operands in another layout are
+// copied (an expanded upstream gradient, say), never the others.
+std::vector<int64_t> kernel_strides(const at::Tensor& y0) {
+  return at::empty_like(y0, y0.options().device(at::kMeta)).strides().vec();
+}
+
+at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides) {
+  if (t.strides() == strides && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
+}
+
+std::vector<at::Tensor> in_layout(at::TensorList ts, at::IntArrayRef strides) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(in_layout(t, strides));
+  return out;
+}
+
+int64_t grain_blocks() { return std::max<int64_t>(1, (1 << 15) / kBlock); }
+
+at::Tensor mixed_op_cpu(at::TensorList ys_in, const at::Tensor& weights, std::optional<double> tau) {
+  check_inputs(ys_in, weights, tau);
+  const auto layout = kernel_strides(ys_in[0]);
+  const auto ys = in_layout(ys_in, layout);
+  const int64_t K = ys.size(), numel = ys[0].numel();
+  const auto w = mixing_weights(weights, tau);
+  auto out = at::empty_strided(ys[0].sizes(), layout, ys[0].options());
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, ys[0].scalar_type(), "mixed_op_cpu", [&] {
+    std::vector<const scalar_t*> ptrs(K);
+    for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k].const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t nblocks = (numel + kBlock - 1) / kBlock;
+    at::parallel_for(0, nblocks, grain_blocks(), [&](int64_t b0, int64_t b1) {
+      forward_range<scalar_t>(ptrs.data(), w.data(), K, b0 * kBlock, std::min(numel, b1 * kBlock), o);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mixed_op_backward_cpu(const at::Tensor& grad, at::TensorList ys_in,
+                                                         const at::Tensor& weights, std::optional<double> tau) {
+  check_inputs(ys_in, weights, tau);
+  TORCH_CHECK(grad.sizes() == ys_in[0].sizes() && grad.scalar_type() == ys_in[0].scalar_type() &&
+                  grad.device().is_cpu(),
+              "mixed_op_backward: grad must match ys[0] in shape, dtype and device");
+  const auto layout = kernel_strides(ys_in[0]);
+  const auto ys = in_layout(ys_in, layout);
+  const at::Tensor g = in_layout(grad, layout);
+  const int64_t K = ys.size(), numel = g.numel();
+  const auto w = mixing_weights(weights, tau);
+
+  // dy_k stacked as (K, *shape); each slice keeps the operands' layout.
+  std::vector<int64_t> sizes{K}, strides{std::max<int64_t>(numel, 1)};
+  sizes.insert(sizes.end(), g.sizes().begin(), g.sizes().end());
+  strides.insert(strides.end(), layout.begin(), layout.end());
+  auto grad_ys = at::empty_strided(sizes, strides, g.options());
+
+  const int64_t nchunks = (numel + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partial(nchunks * K, 0.0);
+  if (numel > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "mixed_op_backward_cpu", [&] {
+      std::vector<const scalar_t*> ptrs(K);
+      for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k].const_data_ptr<scalar_t>();
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      scalar_t* dyp = grad_ys.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          backward_range<scalar_t>(gp, ptrs.data(), w.data(), K, numel, c * kReduceChunk,
+                                   std::min(numel, (c + 1) * kReduceChunk), dyp, partial.data() + c * K);
+      });
+    });
+  }
+  // Second stage, in chunk order: d w_k = <g, y_k>.
+  std::vector<double> dw(K, 0.0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t k = 0; k < K; ++k) dw[k] += partial[c * K + k];
+  // Through the softmax: d alpha_j = (1/tau) p_j (dw_j - sum_i p_i dw_i) = (1/tau) p_j <g, y_j - out>.
+  if (tau.has_value()) {
+    double mean = 0.0;
+    for (int64_t k = 0; k < K; ++k) mean += w[k] * dw[k];
+    for (int64_t k = 0; k < K; ++k) dw[k] = w[k] * (dw[k] - mean) / *tau;
+  }
+  auto grad_weights = at::empty({K}, weights.options().dtype(at::kDouble));
+  std::copy(dw.begin(), dw.end(), grad_weights.mutable_data_ptr<double>());
+  return {grad_ys, grad_weights.to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(accel, CPU, m) {
+  m.impl("mixed_op", &mixed_op_cpu);
+  m.impl("mixed_op_backward", &mixed_op_backward_cpu);
+}
+
+}  // namespace accel
