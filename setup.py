@@ -36,10 +36,11 @@ def _want_cuda():
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     sources = ["csrc/module.cpp"] + rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
-    ldflags = []
+    # -fopenmp: at::parallel_for is an inline OpenMP region in the ATen headers; without it, it runs serially.
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    ldflags = ["-fopenmp"]
     if _flag("ACCEL_DEBUG"):
-        cxx = ["-O0", "-g", "-std=c++17"]
+        cxx = ["-O0", "-g", "-std=c++17", "-fopenmp"]
     if _flag("ACCEL_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         cxx += san

@@ -12,8 +12,8 @@ from torch import Tensor
 from accel.ops._library import lib, register_backends
 from accel.reference import mixed_op as reference  # the module, not the function
 
-lib.define("mixed_op(Tensor[] ys, Tensor weights, float? tau=None) -> Tensor")
-lib.define("mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, float? tau=None) -> (Tensor, Tensor)")
+lib.define("mixed_op(Tensor[] ys, Tensor weights, float? tau) -> Tensor")
+lib.define("mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, float? tau) -> (Tensor[], Tensor)")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -89,9 +89,8 @@ def _mixed_op_fake(ys, weights, tau=None):
 
 @torch.library.register_fake("accel::mixed_op_backward")
 def _mixed_op_backward_fake(grad, ys, weights, tau=None):
-    y0 = ys[0]
-    grad_ys = y0.new_empty_strided((len(ys), *y0.shape), (max(y0.numel(), 1), *kernel_strides(y0)))
-    return grad_ys, torch.empty_like(weights)
+    strides = kernel_strides(ys[0])
+    return [y.new_empty_strided(y.shape, strides) for y in ys], torch.empty_like(weights)
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,7 +102,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     *ys, weights = ctx.saved_tensors
     grad_ys, grad_weights = torch.ops.accel.mixed_op_backward(grad, ys, weights, ctx.tau)
-    return list(grad_ys.unbind(0)), grad_weights, None
+    return grad_ys, grad_weights, None
 
 
 torch.library.register_autograd("accel::mixed_op", _backward, setup_context=_setup_context)
@@ -122,10 +121,8 @@ def _reference_backward(grad, ys, weights, tau=None):
         w_ = weights.detach().requires_grad_()
         out = reference.mixed_op(ys_, w_, tau)
         grads = torch.autograd.grad(out, [*ys_, w_], grad, allow_unused=True, materialize_grads=True)
-    strides = (max(ys[0].numel(), 1), *kernel_strides(ys[0]))
-    grad_ys = ys[0].new_empty_strided((len(ys), *ys[0].shape), strides)
-    for k in range(len(ys)):
-        grad_ys[k].copy_(grads[k])
+    strides = kernel_strides(ys[0])
+    grad_ys = [y.new_empty_strided(y.shape, strides).copy_(gy) for y, gy in zip(ys, grads)]
     return grad_ys, grads[-1]
 
 

@@ -80,12 +80,12 @@ ACCEL_CPU_CLONES void forward_range(const T* const* ys, const double* w, int64_t
 // One reduction chunk [begin, end): writes dy for every branch and partial[k] = <g, y_k> on the chunk.
 template <typename T>
 ACCEL_CPU_CLONES void backward_range(const T* g, const T* const* ys, const double* w, int64_t K,
-                                     int64_t numel, int64_t begin, int64_t end, T* dy, double* partial) {
+                                     int64_t begin, int64_t end, T* const* dy, double* partial) {
   std::vector<double> lanes(K * kLanes, 0.0);
   for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
     const int64_t n = std::min(kBlock, end - n0);
     for (int64_t k = 0; k < K; ++k) {
-      T* dyk = dy + k * numel + n0;
+      T* dyk = dy[k] + n0;
       if (w[k] == 0.0) {
         std::fill(dyk, dyk + n, T(0));
         continue;
@@ -182,7 +182,7 @@ at::Tensor mixed_op_cpu(at::TensorList ys_in, const at::Tensor& weights, std::op
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> mixed_op_backward_cpu(const at::Tensor& grad, at::TensorList ys_in,
+std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(const at::Tensor& grad, at::TensorList ys_in,
                                                          const at::Tensor& weights, std::optional<double> tau) {
   check_inputs(ys_in, weights, tau);
   TORCH_CHECK(grad.sizes() == ys_in[0].sizes() && grad.scalar_type() == ys_in[0].scalar_type() &&
@@ -194,11 +194,10 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_backward_cpu(const at::Tensor& grad,
   const int64_t K = ys.size(), numel = g.numel();
   const auto w = mixing_weights(weights, tau);
 
-  // dy_k stacked as (K, *shape); each slice keeps the operands' layout.
-  std::vector<int64_t> sizes{K}, strides{std::max<int64_t>(numel, 1)};
-  sizes.insert(sizes.end(), g.sizes().begin(), g.sizes().end());
-  strides.insert(strides.end(), layout.begin(), layout.end());
-  auto grad_ys = at::empty_strided(sizes, strides, g.options());
+  // One tensor per branch rather than one (K, ...) buffer: equal-sized blocks are recycled by the CPU
+  // allocator, while one large block tends to be freshly mapped (and page-faulted) on every call.
+  std::vector<at::Tensor> grad_ys;
+  for (int64_t k = 0; k < K; ++k) grad_ys.push_back(at::empty_strided(g.sizes(), layout, g.options()));
 
   const int64_t nchunks = (numel + kReduceChunk - 1) / kReduceChunk;
   std::vector<double> partial(nchunks * K, 0.0);
@@ -206,12 +205,13 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_backward_cpu(const at::Tensor& grad,
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "mixed_op_backward_cpu", [&] {
       std::vector<const scalar_t*> ptrs(K);
       for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k].const_data_ptr<scalar_t>();
+      std::vector<scalar_t*> dy(K);
+      for (int64_t k = 0; k < K; ++k) dy[k] = grad_ys[k].mutable_data_ptr<scalar_t>();
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      scalar_t* dyp = grad_ys.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c)
-          backward_range<scalar_t>(gp, ptrs.data(), w.data(), K, numel, c * kReduceChunk,
-                                   std::min(numel, (c + 1) * kReduceChunk), dyp, partial.data() + c * K);
+          backward_range<scalar_t>(gp, ptrs.data(), w.data(), K, c * kReduceChunk,
+                                   std::min(numel, (c + 1) * kReduceChunk), dy.data(), partial.data() + c * K);
       });
     });
   }

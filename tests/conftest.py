@@ -1,0 +1,32 @@
+"""Shared test helpers: the numerics rule as an assertion, poisoned outputs, seeded randomness."""
+import pytest
+import torch
+
+from accel.numerics import judge
+
+
+def assert_by_rule(fast: torch.Tensor, reference_in_dtype: torch.Tensor, reference64: torch.Tensor, what: str = ""):
+    """Asserts DESIGN.md's numerics rule: error <= 2 * (reference's own error in that dtype) + floor."""
+    assert fast.shape == reference64.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(reference64.shape)}"
+    verdict = judge(fast, reference_in_dtype, reference64)
+    assert verdict.ok, (
+        f"{what}: error {verdict.error:.3g} > allowed {verdict.allowed:.3g} "
+        f"(reference in {fast.dtype}: {verdict.reference_error:.3g})"
+    )
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Makes every torch.empty (in C++ kernels too) fill with NaN, so an unwritten element shows up."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
