@@ -1,0 +1,65 @@
+"""``python -m accel info``: versions, CPU features, and which backend serves each op on each device."""
+import platform
+import sys
+
+import torch
+
+from accel import _extension
+from accel.ops import _library
+
+OPS = ["mixed_op", "mixed_op_backward"]
+CPU_FEATURES = ["avx2", "fma", "popcnt", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "bmi2"]
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU model and which of the features the kernels care about it has (Linux; empty elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, [feat for feat in CPU_FEATURES if feat in flags]
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def backend(op: str, key: str) -> str:
+    """Which implementation the dispatcher runs for accel::<op> under dispatch key ``key`` (CPU, CUDA)."""
+    for line in torch._C._dispatch_dump(f"accel::{op}").splitlines():
+        if line.startswith(f"{key}:"):
+            if ".py:" not in line:  # registered from csrc/ by accel._C
+                return "C++ (accel._C)" if key == "CPU" else "CUDA (accel._C)"
+            return "Triton" if key == "CUDA" and _library.triton_available() else "reference (PyTorch)"
+    return "none"
+
+
+def main(argv=None) -> int:
+    import accel
+
+    model, features = cpu_description()
+    print(f"accel        {accel.__version__}")
+    print(f"python       {sys.version.split()[0]}")
+    print(f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"triton       {_version('triton')}")
+    print(f"numpy        {_version('numpy')}")
+    print(f"cpu          {model}; {torch.get_num_threads()} threads; features: {' '.join(features) or 'none known'}")
+    print(f"cuda device  {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    if _extension.LOADED:
+        print("extension    accel._C loaded")
+    else:
+        print(f"extension    NOT loaded ({_extension.LOAD_ERROR}); rebuild: {_extension.REBUILD_COMMAND}")
+    print("\nbackends:")
+    for op in OPS:
+        cuda = backend(op, "CUDA") + ("" if torch.cuda.is_available() else " (no CUDA device here)")
+        print(f"  {op:<22} cpu: {backend(op, 'CPU'):<22} cuda: {cuda}")
+    return 0
