@@ -4,6 +4,9 @@ import torch
 
 from accel.numerics import judge
 
+# Every op is tested on the CPU, and on CUDA too where a GPU is present (bench/gpu_check.sh).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def assert_by_rule(fast: torch.Tensor, reference_in_dtype: torch.Tensor, reference64: torch.Tensor, what: str = ""):
     """Asserts DESIGN.md's numerics rule: error <= 2 * (reference's own error in that dtype) + floor."""

@@ -10,16 +10,16 @@ import accel
 from accel.ops import mixed_op
 mixed_op_module = importlib.import_module("accel.ops.mixed_op")  # the module; accel.ops.mixed_op is the function
 from accel.reference import mixed_op as reference
-from conftest import assert_by_rule
+from conftest import DEVICES, assert_by_rule
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 SHAPES = [(1,), (7,), (33, 5), (2, 3, 7, 9), (1000,), (3, 33000)]  # the last spans several reduction chunks
 
 
-def make_inputs(shape, K, dtype, mode, requires_grad=True):
-    ys = [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(K)]
+def make_inputs(shape, K, dtype, mode, requires_grad=True, device="cpu"):
+    ys = [torch.randn(shape, dtype=dtype).to(device).requires_grad_(requires_grad) for _ in range(K)]
     mix = torch.randn(K, dtype=dtype) if mode == "alpha" else torch.rand(K, dtype=dtype) + 0.1
-    return ys, mix.requires_grad_(requires_grad)
+    return ys, mix.to(device).requires_grad_(requires_grad)
 
 
 def call_fast(ys, mix, mode, tau):
@@ -33,23 +33,25 @@ def forward_and_grads(fn, ys, mix, grad):
 
 
 def leaf_copies(ys, mix, dtype):
-    return [y.detach().to(dtype).requires_grad_() for y in ys], mix.detach().to(dtype).requires_grad_()
+    """CPU copies in ``dtype`` for the reference."""
+    return [y.detach().to("cpu", dtype).requires_grad_() for y in ys], mix.detach().to("cpu", dtype).requires_grad_()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["alpha", "weights"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [1, 3, 8])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_gradients_follow_the_numerics_rule(shape, K, dtype, mode):
+def test_forward_and_gradients_follow_the_numerics_rule(shape, K, dtype, mode, device):
     tau = 0.7
-    ys, mix = make_inputs(shape, K, dtype, mode)
-    grad = torch.randn(shape, dtype=dtype)
+    ys, mix = make_inputs(shape, K, dtype, mode, device=device)
+    grad = torch.randn(shape, dtype=dtype, device=device)
     fast = forward_and_grads(lambda y, m: call_fast(y, m, mode, tau), ys, mix, grad)
     ref_tau = tau if mode == "alpha" else None
     y64, m64 = leaf_copies(ys, mix, torch.float64)
-    ref64 = forward_and_grads(lambda y, m: reference.mixed_op(y, m, ref_tau), y64, m64, grad.double())
+    ref64 = forward_and_grads(lambda y, m: reference.mixed_op(y, m, ref_tau), y64, m64, grad.cpu().double())
     yd, md = leaf_copies(ys, mix, dtype)
-    ref_d = forward_and_grads(lambda y, m: reference.mixed_op(y, m, ref_tau), yd, md, grad)
+    ref_d = forward_and_grads(lambda y, m: reference.mixed_op(y, m, ref_tau), yd, md, grad.cpu())
     names = ["out"] + [f"grad ys[{k}]" for k in range(K)] + [f"grad {mode}"]
     for name, f, rd, r64 in zip(names, fast, ref_d, ref64):
         assert f.dtype == dtype
@@ -72,11 +74,12 @@ def test_gradcheck_float64(mode):
     assert torch.autograd.gradcheck(fn, (*ys, mix))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [None, 0.8])
-def test_opcheck(tau):
-    ys, mix = make_inputs((2, 3, 5), 3, torch.float32, "alpha")
+def test_opcheck(tau, device):
+    ys, mix = make_inputs((2, 3, 5), 3, torch.float32, "alpha", device=device)
     torch.library.opcheck(torch.ops.accel.mixed_op.default, (ys, mix, tau))
-    grad = torch.randn(2, 3, 5)
+    grad = torch.randn(2, 3, 5, device=device)
     ys_plain = [y.detach() for y in ys]
     torch.library.opcheck(torch.ops.accel.mixed_op_backward.default, (grad, ys_plain, mix.detach(), tau))
 
