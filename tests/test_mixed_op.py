@@ -66,6 +66,21 @@ def test_every_output_element_is_written(poisoned_outputs):
         assert torch.isfinite(t).all()
 
 
+def test_large_outputs_streamed_past_the_cache(poisoned_outputs):
+    # (K + 1) * numel * 4 bytes >= 16 MiB: the kernels write with non-temporal stores (csrc/cpu/simd.h);
+    # an odd numel leaves a tail that is stored normally.
+    shape, K = (480007,), 8
+    ys, alpha = make_inputs(shape, K, torch.float32, "alpha")
+    grad = torch.randn(shape)
+    fast = forward_and_grads(lambda y, m: mixed_op(y, alpha=m, tau=1.0), ys, alpha, grad)
+    y64, a64 = leaf_copies(ys, alpha, torch.float64)
+    ref64 = forward_and_grads(lambda y, m: reference.mixed_op(y, m, 1.0), y64, a64, grad.double())
+    yd, ad = leaf_copies(ys, alpha, torch.float32)
+    ref_d = forward_and_grads(lambda y, m: reference.mixed_op(y, m, 1.0), yd, ad, grad)
+    for k, (f, rd, r64) in enumerate(zip(fast, ref_d, ref64)):
+        assert_by_rule(f, rd, r64, f"output {k}")
+
+
 @pytest.mark.parametrize("mode", ["alpha", "weights"])
 def test_gradcheck_float64(mode):
     ys, mix = make_inputs((3, 5), 3, torch.float64, mode)

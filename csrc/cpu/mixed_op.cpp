@@ -20,84 +20,98 @@
 namespace accel {
 namespace {
 
-constexpr int64_t kBlock = 1024;         // elements per inner block: g and the partial sums stay in L1
-constexpr int64_t kReduceChunk = 32768;  // fixed reduction chunk (a multiple of kBlock)
-constexpr int kLanes = 8;                // independent accumulators: enough to vectorise the dot product
+constexpr int64_t kBlock = 1024;         // elements per inner block, staged in L1 before it is stored
+constexpr int64_t kReduceChunk = 32768;  // fixed reduction chunk (a multiple of kBlock); g's chunk stays in L2
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// out[0:n] = sum over active k of w[k] * ys[k][0:n]
+// out[0:n] = sum_k w[k] * ys[k][0:n] over the K active branches given (n <= kBlock). The sums for kVec
+// consecutive elements stay in registers across the branch loop; out is written once.
 template <typename T>
-inline void forward_block(const T* const* ys, const double* w, int64_t K, int64_t n, T* out) {
+inline void forward_block(const T* const* ys, const double* w, int64_t K, int64_t n, T* out, bool stream) {
   using A = acc_t<T>;
-  A acc[kBlock];
-  bool any = false;
-  for (int64_t k = 0; k < K; ++k) {
-    if (w[k] == 0.0) continue;
-    const A wk = static_cast<A>(w[k]);
-    const T* __restrict y = ys[k];
-    if (!any) {
-      for (int64_t j = 0; j < n; ++j) acc[j] = wk * static_cast<A>(y[j]);
-      any = true;
-    } else {
-      for (int64_t j = 0; j < n; ++j) acc[j] += wk * static_cast<A>(y[j]);
+  constexpr int kVec = 16;
+  T result[kBlock];
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    A s[kVec] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const A wk = static_cast<A>(w[k]);
+      const T* __restrict y = ys[k] + j;
+      for (int l = 0; l < kVec; ++l) s[l] += wk * static_cast<A>(y[l]);
     }
+    for (int l = 0; l < kVec; ++l) result[j + l] = static_cast<T>(s[l]);
   }
-  if (!any) {
-    for (int64_t j = 0; j < n; ++j) out[j] = T(0);
-    return;
+  for (; j < n; ++j) {
+    A s = 0;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<A>(w[k]) * static_cast<A>(ys[k][j]);
+    result[j] = static_cast<T>(s);
   }
-  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(acc[j]);
+  store_span(out, result, n * sizeof(T), stream);
 }
 
-// dy[0:n] = w * g[0:n];  lanes += g[0:n] * y[0:n] (double accumulators, kLanes wide)
+// dy[0:n] = w * g[0:n]; returns <g[0:n], y[0:n]> (n <= kBlock). The dot product runs in kVec
+// independent accumulators (vector registers) of the accumulation type over the block, and the block's
+// sum is returned in double: at most kBlock / kVec terms are ever added in float.
 template <typename T>
-inline void backward_block(const T* __restrict g, const T* __restrict y, double w, int64_t n,
-                           T* __restrict dy, double* __restrict lanes) {
+inline double backward_block(const T* __restrict g, const T* __restrict y, double w, int64_t n, T* dy,
+                             bool stream) {
   using A = acc_t<T>;
+  constexpr int kVec = 16;
   const A wa = static_cast<A>(w);
-  for (int64_t j = 0; j < n; ++j) dy[j] = static_cast<T>(wa * static_cast<A>(g[j]));
+  T scaled[kBlock];
+  A lanes[kVec] = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      lanes[l] += static_cast<double>(g[j + l]) * static_cast<double>(y[j + l]);
+  for (; j + kVec <= n; j += kVec) {
+    for (int l = 0; l < kVec; ++l) {
+      const A gl = static_cast<A>(g[j + l]);
+      scaled[j + l] = static_cast<T>(wa * gl);
+      lanes[l] += gl * static_cast<A>(y[j + l]);
+    }
   }
-  for (; j < n; ++j) lanes[0] += static_cast<double>(g[j]) * static_cast<double>(y[j]);
+  double dot = 0.0;
+  for (; j < n; ++j) {
+    scaled[j] = static_cast<T>(wa * static_cast<A>(g[j]));
+    dot += static_cast<double>(g[j]) * static_cast<double>(y[j]);
+  }
+  for (int l = 0; l < kVec; ++l) dot += lanes[l];
+  store_span(dy, scaled, n * sizeof(T), stream);
+  return dot;
 }
 
 template <typename T>
 ACCEL_CPU_CLONES void forward_range(const T* const* ys, const double* w, int64_t K, int64_t begin,
-                                    int64_t end, T* out) {
+                                    int64_t end, T* out, bool stream) {
   std::vector<const T*> ptrs(K);
   for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
     const int64_t n = std::min(kBlock, end - n0);
     for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k] + n0;
-    forward_block(ptrs.data(), w, K, n, out + n0);
+    forward_block(ptrs.data(), w, K, n, out + n0, stream);
   }
+  if (stream) stream_fence();
 }
 
 // One reduction chunk [begin, end): writes dy for every branch and partial[k] = <g, y_k> on the chunk.
+// Branch-major order: three streams at a time (g from L2, y_k, dy_k) rather than 2K + 1.
 template <typename T>
 ACCEL_CPU_CLONES void backward_range(const T* g, const T* const* ys, const double* w, int64_t K,
-                                     int64_t begin, int64_t end, T* const* dy, double* partial) {
-  std::vector<double> lanes(K * kLanes, 0.0);
-  for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
-    const int64_t n = std::min(kBlock, end - n0);
-    for (int64_t k = 0; k < K; ++k) {
-      T* dyk = dy[k] + n0;
-      if (w[k] == 0.0) {
-        std::fill(dyk, dyk + n, T(0));
-        continue;
-      }
-      backward_block(g + n0, ys[k] + n0, w[k], n, dyk, lanes.data() + k * kLanes);
-    }
-  }
+                                     int64_t begin, int64_t end, T* const* dy, double* partial, bool stream) {
   for (int64_t k = 0; k < K; ++k) {
-    double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += lanes[k * kLanes + l];
-    partial[k] = s;
+    T* dyk = dy[k];
+    if (w[k] == 0.0) {
+      std::fill(dyk + begin, dyk + end, T(0));
+      partial[k] = 0.0;
+      continue;
+    }
+    double dot = 0.0;
+    for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const int64_t n = std::min(kBlock, end - n0);
+      dot += backward_block(g + n0, ys[k] + n0, w[k], n, dyk + n0, stream);
+    }
+    partial[k] = dot;
   }
+  if (stream) stream_fence();
 }
 
 // Mixing weights in double: softmax(weights / tau) when tau is given, else the weights themselves.
@@ -171,12 +185,25 @@ at::Tensor mixed_op_cpu(at::TensorList ys_in, const at::Tensor& weights, std::op
   auto out = at::empty_strided(ys[0].sizes(), layout, ys[0].options());
   if (numel == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, ys[0].scalar_type(), "mixed_op_cpu", [&] {
-    std::vector<const scalar_t*> ptrs(K);
-    for (int64_t k = 0; k < K; ++k) ptrs[k] = ys[k].const_data_ptr<scalar_t>();
+    // Only the active branches reach the kernel: a switched-off branch is never read.
+    std::vector<const scalar_t*> active_ys;
+    std::vector<double> active_w;
+    for (int64_t k = 0; k < K; ++k) {
+      if (w[k] == 0.0) continue;
+      active_ys.push_back(ys[k].const_data_ptr<scalar_t>());
+      active_w.push_back(w[k]);
+    }
+    const int64_t active = active_ys.size();
+    if (active == 0) {
+      out.zero_();
+      return;
+    }
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t nblocks = (numel + kBlock - 1) / kBlock;
+    const bool stream = (active + 1) * numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingStoreBytes;
     at::parallel_for(0, nblocks, grain_blocks(), [&](int64_t b0, int64_t b1) {
-      forward_range<scalar_t>(ptrs.data(), w.data(), K, b0 * kBlock, std::min(numel, b1 * kBlock), o);
+      forward_range<scalar_t>(active_ys.data(), active_w.data(), active, b0 * kBlock, std::min(numel, b1 * kBlock),
+                              o, stream);
     });
   });
   return out;
@@ -208,10 +235,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(const at::
       std::vector<scalar_t*> dy(K);
       for (int64_t k = 0; k < K; ++k) dy[k] = grad_ys[k].mutable_data_ptr<scalar_t>();
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const bool stream = (2 * K + 1) * numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingStoreBytes;
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c)
           backward_range<scalar_t>(gp, ptrs.data(), w.data(), K, c * kReduceChunk,
-                                   std::min(numel, (c + 1) * kReduceChunk), dy.data(), partial.data() + c * K);
+                                   std::min(numel, (c + 1) * kReduceChunk), dy.data(), partial.data() + c * K,
+                                   stream);
       });
     });
   }

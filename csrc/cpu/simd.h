@@ -1,4 +1,4 @@
-// Portable vectorisation for the CPU kernels.
+// Portable vectorisation helpers for the CPU kernels.
 //
 // Kernels are plain loops over contiguous spans that the compiler vectorises. ACCEL_CPU_CLONES builds
 // each hot function twice, for AVX2+FMA (Haswell and later) and for the baseline x86-64 ISA, and the
@@ -6,9 +6,49 @@
 // portable. On other architectures the attribute is empty and the baseline build is used.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(ACCEL_NO_CLONES)
 #define ACCEL_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define ACCEL_CPU_CLONES
 #endif
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace accel {
+
+// A kernel that touches more than this many bytes (reads and writes) writes its outputs with
+// non-temporal stores: they cannot stay in cache anyway (about half a server L3), and streaming them skips
+// the read-for-ownership that a normal store to a line not in cache costs: a third of a write-heavy
+// pass's traffic.
+constexpr int64_t kStreamingStoreBytes = int64_t{16} << 20;
+
+// Copies `bytes` bytes from src (a buffer in L1) to dst, bypassing the cache when `stream` is set and
+// dst is 16-byte aligned. Call stream_fence() once a thread has finished its streamed stores.
+inline void store_span(void* dst, const void* src, int64_t bytes, bool stream) {
+#if defined(__SSE2__)
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    auto* d = static_cast<__m128i*>(dst);
+    const auto* s = static_cast<const char*>(src);
+    int64_t i = 0;
+    for (; i + 16 <= bytes; i += 16) _mm_stream_si128(d++, _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    std::memcpy(static_cast<char*>(dst) + i, s + i, bytes - i);
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, bytes);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace accel
