@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path,
                         help="results JSON (default: bench/results/<machine>.json, <machine>-quick.json with --quick)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate BENCHMARKS.md and the plots")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (by default it is told to keep freed memory, so that "
+                             "per-step page faults do not mask the kernels' differences)")
     return parser.parse_args(argv)
 
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(harness.core_count())
     settings = harness.Settings.quick() if args.quick else harness.Settings()
     start = time.perf_counter()
-    run = harness.run(cases, device, settings, log=_log)
+    run = harness.run(cases, device, settings, log=_log, system_allocator=args.system_allocator)
     run.update(command=shlex.join(["python", "-m", "accel", "bench", *argv]), quick=args.quick,
                wall_s=time.perf_counter() - start)
 

@@ -17,6 +17,7 @@ graph serve both passes, so each case compiles once.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import math
@@ -106,6 +107,26 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def keep_freed_memory() -> str:
+    """Tells glibc's malloc to keep freed memory rather than hand it back to the OS after every step.
+
+    By default glibc unmaps or trims large freed blocks, so each step page-faults its outputs in afresh and
+    the OS zeroes every 4 KiB page first: that costs every implementation alike, grows with the output size
+    and hides the kernels' own differences. jemalloc and tcmalloc, which PyTorch recommends for CPU
+    training, keep memory the same way. Returns what was done, for the record.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is the largest mmap threshold glibc accepts; blocks below it come from the kept heap.
+    if mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30):
+        return "glibc, freed memory kept (mallopt M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB)"
+    return "system default (mallopt refused)"
+
+
 def machine_slug(device: torch.device) -> str:
     """File-name stem for a machine's results, e.g. ``amd-epyc-2c`` or ``nvidia-h100-80gb-hbm3``."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_model()} {core_count()}c"
@@ -145,17 +166,26 @@ def _loadavg() -> float | None:
 
 
 def measure_limits(device: torch.device, settings: Settings) -> dict:
-    """The machine's copy bandwidth (bytes read + written per second, 256 MiB copy_) and sgemm FLOP/s
-    (2048^3 float32 matmul), as medians, measured now so that they share the cases' conditions."""
+    """The machine's memory bandwidth and sgemm FLOP/s (2048^3 float32 matmul), as medians, measured now
+    so that they share the cases' conditions.
+
+    Bandwidth is the better of a 256 MiB copy_ (bytes read + written) and a 256 MiB sum (bytes read): a
+    copy's stores also cost a read for ownership, so read-heavy ops can beat the copy rate, and the roofline
+    must be one that no op exceeds.
+    """
     src = torch.randn(64 * 2**20, device=device)  # 256 MiB: far beyond any cache
     dst = torch.empty_like(src)
     copy_s = _median_time(lambda: dst.copy_(src), device, settings.limit_reps)
+    read_s = _median_time(lambda: src.sum(), device, settings.limit_reps)
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     mm_s = _median_time(lambda: torch.mm(a, b), device, settings.limit_reps)
+    copy_bps, read_bps = 2 * src.nbytes / copy_s, src.nbytes / read_s
     return {
-        "bandwidth_Bps": 2 * src.nbytes / copy_s,
+        "bandwidth_Bps": max(copy_bps, read_bps),
+        "copy_Bps": copy_bps,
+        "read_Bps": read_bps,
         "flops_per_s": 2 * 2048**3 / mm_s,
-        "bandwidth_probe": "copy_ of 256 MiB float32, read + write bytes",
+        "bandwidth_probe": "the better of copy_ (read + write bytes) and sum (read bytes) of 256 MiB float32",
         "flops_probe": "2048^3 float32 matmul",
     }
 
@@ -419,16 +449,20 @@ def format_seconds(s: float) -> str:
     return f"{s * 1e9:.3g} ns"
 
 
-def run(cases: list[Case], device: torch.device, settings: Settings, log: Callable[[str], None] = print) -> dict:
+def run(cases: list[Case], device: torch.device, settings: Settings, log: Callable[[str], None] = print,
+        system_allocator: bool = False) -> dict:
     """Measures the machine, then every case; returns the whole run as one JSON-ready dict."""
     info = machine_info(device)
+    if device.type == "cpu":
+        info["allocator"] = "system default" if system_allocator else keep_freed_memory()
     log(f"accel bench: {len(cases)} cases on {device} ({info.get('gpu', info['cpu'])}, "
         f"{info['threads']} threads, torch {info['torch']})")
     if info["loadavg_start"] is not None and info["loadavg_start"] > 0.5:
         # Other work takes cores from the benchmark's threads; parallel regions then wait for them.
         log(f"  warning: load average {info['loadavg_start']:.2f} before the run: the machine is busy, times will be noisy")
     limits = measure_limits(device, settings)
-    log(f"  machine limits: copy {limits['bandwidth_Bps'] / 1e9:.1f} GB/s, sgemm {limits['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    log(f"  machine limits: copy {limits['copy_Bps'] / 1e9:.1f} GB/s, read {limits['read_Bps'] / 1e9:.1f} GB/s, "
+        f"sgemm {limits['flops_per_s'] / 1e9:.1f} GFLOP/s")
     results = []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.op} {case.name} ({case.shape})")

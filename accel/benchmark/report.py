@@ -60,7 +60,7 @@ Each op is timed side by side with its eager PyTorch reference, `torch.compile` 
 outside peers, interleaved in rounds in one process. Times are medians (IQR in brackets); ratios are
 median / median of the fast op, so above 1 means the fast op is faster. "fwd" is the forward of a training
 step (inputs require grad); "fwd+bwd" adds the backward with a fixed upstream gradient. "% roofline" is the
-least time the fast op's bytes and FLOPs allow at the machine's measured copy bandwidth and sgemm rate,
+least time the fast op's bytes and FLOPs allow at the machine's measured memory bandwidth and sgemm rate,
 over its median. "Saved for bwd" is the memory autograd keeps from the forward: all of it, and in brackets
 what is not an input of the op.
 
@@ -76,8 +76,10 @@ def machine_section(machine: str, run: dict, png: str | None) -> str:
         "",
         f"- {hardware}; device `{info['device']}`, {info['threads']} threads, CPU capability "
         f"{info['cpu_capability']}; torch {info['torch']}; {info['date']}",
-        f"- measured: copy bandwidth {limits['bandwidth_Bps'] / 1e9:.1f} GB/s ({limits['bandwidth_probe']}), "
+        f"- measured: bandwidth {limits['bandwidth_Bps'] / 1e9:.1f} GB/s ({limits['bandwidth_probe']}: "
+        f"copy {limits.get('copy_Bps', limits['bandwidth_Bps']) / 1e9:.1f}, read {limits.get('read_Bps', 0) / 1e9:.1f} GB/s), "
         f"sgemm {limits['flops_per_s'] / 1e9:.1f} GFLOP/s ({limits['flops_probe']})",
+        *([f"- allocator: {info['allocator']}"] if "allocator" in info else []),
         f"- load average at start / end: {_fmt_load(load[0])} / {_fmt_load(load[1])}; run took {run['wall_s']:.0f} s",
         f"- command: `{run['command']}`",
         "",
