@@ -4,8 +4,10 @@
 // writes dy_k = w_k g and accumulates <g, y_k> in the same pass. A weight that is exactly zero switches
 // its branch off: its y_k is never read, dy_k = 0 and its weight gradient is 0.
 //
-// The reduction is two-stage with a fixed chunking (kReduceChunk elements, whatever the thread count),
-// each chunk summed in a fixed order in double, so results are bitwise reproducible run to run.
+// The reduction is two-stage with a fixed chunking (kReduceChunk elements, whatever the thread count):
+// each chunk is summed in a fixed order (16 float lanes per kBlock block, blocks added in double), then
+// the chunks in order, so results are bitwise reproducible run to run and across thread counts.
+// Outputs of large calls are written with streaming stores (simd.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
