@@ -1,0 +1,226 @@
+"""accel.nn.MixedOp and accel.nn.darts against DARTS' eager twins (accel.reference.darts) with the same parameters."""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import accel.nn
+from accel.nn.darts import Genotype, Network
+from accel.reference import darts as reference
+
+# float32 against the eager twin in float32: the two differ only in the order of the weighted sum.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def randomize_bn_stats(module):
+    """Non-trivial running statistics, so eval mode is tested with more than mean 0, var 1."""
+    for name, buf in module.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn_like(buf))
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand_like(buf) + 0.5)
+
+
+def twins(C, stride, primitives=reference.PRIMITIVES):
+    fast = accel.nn.MixedOp(C, stride, primitives)
+    randomize_bn_stats(fast)
+    eager = reference.MixedOp(C, stride, primitives)
+    eager.load_state_dict(fast.state_dict(), strict=True)
+    return fast, eager
+
+
+def edge_forward_backward(op, x, weights):
+    """Output, grad x and grad weights for a fixed random output gradient."""
+    x = x.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    out = op(x, weights)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return out, x.grad, weights.grad
+
+
+def assert_edges_match(fast, eager, x, weights):
+    for name, f, e in zip(["out", "grad x", "grad weights"], edge_forward_backward(fast, x, weights),
+                          edge_forward_backward(eager, x, weights)):
+        torch.testing.assert_close(f, e, **TOL, msg=lambda m: f"{name}: {m}")
+    for (name, pf), (_, pe) in zip(fast.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+    for (name, bf), (_, be) in zip(fast.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(bf, be, **TOL, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_matches_eager_darts(stride, train):
+    fast, eager = twins(6, stride)
+    fast.train(train)
+    eager.train(train)
+    x = torch.randn(3, 6, 8, 8)
+    weights = torch.softmax(torch.randn(len(reference.PRIMITIVES)), 0)
+    assert_edges_match(fast, eager, x, weights)
+
+
+def test_none_weight_gets_zero_gradient_like_eager():
+    fast, eager = twins(4, 1)
+    x = torch.randn(2, 4, 8, 8)
+    weights = torch.softmax(torch.randn(8), 0)
+    _, _, gw_fast = edge_forward_backward(fast, x, weights)
+    _, _, gw_eager = edge_forward_backward(eager, x, weights)
+    assert gw_fast[0].item() == 0.0 == gw_eager[0].item()
+
+
+def test_primitive_subsets_with_none_in_the_middle():
+    primitives = ["max_pool_3x3", "none", "sep_conv_3x3", "none", "skip_connect", "avg_pool_3x3"]
+    fast, eager = twins(4, 2, primitives)
+    assert_edges_match(fast, eager, torch.randn(2, 4, 8, 8), torch.rand(len(primitives)) + 0.1)
+
+
+def test_weighted_sum_goes_through_the_fused_op_and_none_is_never_run(monkeypatch):
+    module = importlib.import_module("accel.nn.mixed_op")  # accel.nn.MixedOp's module, not the op
+    fused = module.mixed_op
+    calls = []
+
+    def recording_mixed_op(ys, weights):
+        calls.append((len(ys), tuple(weights.shape)))
+        return fused(ys, weights=weights)
+
+    monkeypatch.setattr(module, "mixed_op", recording_mixed_op)
+    op = accel.nn.MixedOp(4, 1)
+    op._ops[0].register_forward_hook(lambda *args: pytest.fail("the 'none' branch ran"))
+    op(torch.randn(2, 4, 8, 8), torch.softmax(torch.randn(8), 0))
+    assert calls == [(7, (7,))]
+
+
+def test_same_parameters_buffers_and_state_dict_as_darts():
+    for stride in (1, 2):
+        fast = accel.nn.MixedOp(6, stride)
+        eager = reference.MixedOp(6, stride)
+        assert list(fast.state_dict()) == list(eager.state_dict())
+        assert [n for n, _ in fast.named_parameters()] == [n for n, _ in eager.named_parameters()]
+        assert [n for n, _ in fast.named_buffers()] == [n for n, _ in eager.named_buffers()]
+        fast.load_state_dict(eager.state_dict(), strict=True)
+    # DARTS' own names, so DARTS checkpoints load.
+    keys = set(accel.nn.MixedOp(4, 2).state_dict())
+    assert {"_ops.1.1.running_mean", "_ops.3.conv_1.weight", "_ops.3.bn.running_var", "_ops.4.op.1.weight",
+            "_ops.7.op.2.weight"} <= keys
+
+
+def test_bad_arguments_raise_clear_errors():
+    op = accel.nn.MixedOp(4, 1)
+    with pytest.raises(ValueError, match="`weights` must have shape \\(8,\\)"):
+        op(torch.randn(1, 4, 8, 8), torch.rand(7))
+    with pytest.raises(ValueError, match="other than 'none'"):
+        accel.nn.MixedOp(4, 1, ["none"])
+    with pytest.raises(ValueError, match="unknown DARTS primitive"):
+        accel.nn.MixedOp(4, 1, ["conv_9x9"])
+
+
+def test_mixed_op_under_torch_compile_fullgraph_matches_eager():
+    op, _ = twins(4, 1)
+    x = torch.randn(2, 4, 8, 8)
+    alpha = torch.randn(8)
+
+    def edge(x, alpha):
+        return op(x, torch.softmax(alpha, 0))
+
+    compiled = torch.compile(edge, fullgraph=True, backend="aot_eager")
+    ref_op = copy.deepcopy(op)  # BN running stats move in each call; start both from the same state
+    results = []
+    for fn, module in ((compiled, op), (lambda x, a: ref_op(x, torch.softmax(a, 0)), ref_op)):
+        xa = x.clone().requires_grad_()
+        aa = alpha.clone().requires_grad_()
+        out = fn(xa, aa)
+        out.square().sum().backward()
+        results.append([out, xa.grad, aa.grad, *[p.grad for p in module.parameters()], *module.buffers()])
+    for f, e in zip(*results):
+        torch.testing.assert_close(f, e, **TOL)
+
+
+def network_twins(**kwargs):
+    fast = Network(C=4, num_classes=5, layers=5, **kwargs)
+    randomize_bn_stats(fast)
+    eager = Network(C=4, num_classes=5, layers=5, mixed_op=reference.MixedOp, **kwargs)
+    eager.load_state_dict(fast.state_dict(), strict=True)
+    return fast, eager
+
+
+def test_network_forward_backward_and_genotype_match_eager_darts():
+    fast, eager = network_twins()
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    losses = [F.cross_entropy(net(x), target) for net in (fast, eager)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(*losses, **TOL)
+    for (name, pf), (_, pe) in zip(fast.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+    assert fast.genotype() == eager.genotype()
+
+
+def test_network_structure_and_architecture_parameters():
+    net = Network(C=4, num_classes=5, layers=5)
+    assert [cell.reduction for cell in net.cells] == [False, True, False, True, False]
+    assert net.alphas_normal.shape == net.alphas_reduce.shape == (14, 8)
+    params = dict(net.named_parameters())
+    assert params["alphas_normal"] is net.alphas_normal and params["alphas_reduce"] is net.alphas_reduce
+    assert {"alphas_normal", "alphas_reduce"} <= set(net.state_dict())
+    assert net.arch_parameters() == [net.alphas_normal, net.alphas_reduce]
+    weights = net.weights_parameters()
+    assert len(weights) + 2 == len(params)
+    assert not any(p is a for p in weights for a in net.arch_parameters())
+
+
+def test_genotype_follows_darts_parse_rule():
+    net = Network(C=4, num_classes=5, layers=3)
+    with torch.no_grad():
+        net.alphas_normal.zero_()
+        net.alphas_normal[:, 0] = 10.0  # 'none' dominates every edge but is never chosen
+        net.alphas_normal[2, 4] = 2.0  # node 1: edge from input 0 (row 2) with sep_conv_3x3 is strongest...
+        net.alphas_normal[3, 6] = 1.0  # ...then edge from input 1 (row 3) with dil_conv_3x3
+    genotype = net.genotype()
+    assert isinstance(genotype, Genotype)
+    assert genotype.normal[2:4] == [("sep_conv_3x3", 0), ("dil_conv_3x3", 1)]
+    # Ties (all other rows are uniform over the non-'none' ops) go to the lower edge and op index.
+    assert genotype.normal[0:2] == [("max_pool_3x3", 0), ("max_pool_3x3", 1)]
+    assert genotype.normal_concat == genotype.reduce_concat == [2, 3, 4, 5]
+
+
+def test_network_in_float64_and_train_eval_modes():
+    fast, eager = network_twins()
+    x = torch.randn(2, 3, 8, 8)
+    fast.eval()
+    eager.eval()
+    stats = copy.deepcopy(dict(fast.named_buffers()))
+    out_eval = fast(x)
+    torch.testing.assert_close(out_eval, eager(x), **TOL)
+    assert all(torch.equal(b, stats[n]) for n, b in fast.named_buffers())  # eval reads running stats only
+    fast.train()
+    out_train = fast(x)
+    assert not torch.allclose(out_train, out_eval)  # train uses batch statistics...
+    assert not torch.equal(fast.cells[0]._ops[0]._ops[1][1].running_mean, stats["cells.0._ops.0._ops.1.1.running_mean"])
+    fast.to(torch.float64)
+    assert fast.alphas_normal.dtype == torch.float64 and isinstance(fast.alphas_normal, torch.nn.Parameter)
+    out64 = fast(x.double())
+    out64.sum().backward()
+    assert out64.dtype == torch.float64 and fast.alphas_reduce.grad.dtype == torch.float64
+
+
+def test_search_steps_give_the_same_genotype_as_eager_darts():
+    fast, eager = network_twins()
+    initial_alphas = fast.alphas_normal.detach().clone()
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(3)]
+    for net in (fast, eager):
+        # DARTS' first-order search: SGD on the weights, Adam on the architecture, alternating.
+        w_opt = torch.optim.SGD(net.weights_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+        a_opt = torch.optim.Adam(net.arch_parameters(), lr=3e-2, betas=(0.5, 0.999), weight_decay=1e-3)
+        for x, target in data:
+            a_opt.zero_grad()
+            F.cross_entropy(net(x), target).backward()
+            a_opt.step()
+            w_opt.zero_grad()
+            F.cross_entropy(net(x), target).backward()
+            w_opt.step()
+    assert not torch.allclose(fast.alphas_normal, initial_alphas, atol=1e-2)  # the search did move
+    torch.testing.assert_close(fast.alphas_normal, eager.alphas_normal, **TOL)
+    torch.testing.assert_close(fast.alphas_reduce, eager.alphas_reduce, **TOL)
+    assert fast.genotype() == eager.genotype()
