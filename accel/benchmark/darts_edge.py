@@ -1,0 +1,74 @@
+"""Benchmark cases for a whole DARTS search edge, `accel.nn.MixedOp`: the 8 candidate operations and
+their mixture, forward and forward+backward (parameter and architecture gradients included).
+
+This is where issue-level targets for the DARTS hot path are measured: the fused weighted sum alone is a
+small part of an edge's cost, which the convolutions and the parameter-free branches dominate. The shapes
+are DARTS' search shapes: batch 64, C=16 at 32x32 (normal cells) and C=64 at 8x8 (after the second
+reduction). The eager baseline is DARTS' own MixedOp (`accel.reference.darts.MixedOp`) on the very same
+parameter and buffer tensors, so every implementation trains the same weights.
+"""
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from accel.benchmark.harness import Case
+from accel.nn import MixedOp
+from accel.reference import darts as reference
+
+OP = "darts_edge"
+BATCH = 64
+
+
+def _setup(C: int, hw: int, stride: int):
+    def setup(device: torch.device):
+        torch.manual_seed(0)
+        fast = MixedOp(C, stride).to(device).train()
+        eager = reference.MixedOp(C, stride).train()
+        eager._ops = fast._ops  # one set of parameters and BN buffers for both
+        x = torch.randn(BATCH, C, hw, hw, device=device, requires_grad=True)
+        weights = torch.softmax(1e-3 * torch.randn(len(reference.PRIMITIVES), device=device), 0).requires_grad_()
+        params = list(fast.parameters())
+        return x, weights, params, fast, eager
+
+    return setup
+
+
+def _fast(x, weights, params, fast, eager):
+    return fast(x, weights)
+
+
+def _eager(x, weights, params, fast, eager):
+    return eager(x, weights)
+
+
+def _flops(C: int, hw: int, stride: int) -> dict[str, float]:
+    """FLOPs of the edge's forward and forward+backward, counted by torch's FlopCounterMode (convolutions)."""
+    x, weights, params, fast, eager = _setup(C, hw, stride)(torch.device("cpu"))
+    x = x[:1].detach().requires_grad_()  # count one sample, scale by the batch
+    with FlopCounterMode(display=False) as fwd:
+        out = eager(x, weights)
+    with FlopCounterMode(display=False) as both:
+        out = eager(x, weights)
+        out.sum().backward()  # (FlopCounterMode does not support autograd.grad)
+    return {"fwd": BATCH * fwd.get_total_flops(), "fwd+bwd": BATCH * both.get_total_flops()}
+
+
+def _case(name: str, C: int, hw: int, stride: int) -> Case:
+    return Case(
+        name=name,
+        op=OP,
+        shape=f"{BATCH}x{C}x{hw}x{hw} stride {stride}",
+        setup=_setup(C, hw, stride),
+        fast=_fast,
+        reference=_eager,
+        bytes_moved={"fwd": 0, "fwd+bwd": 0},  # compute-bound: the roofline is the FLOP bound
+        flops=_flops(C, hw, stride),
+        size=BATCH * C * hw * hw * 4,
+        params={"C": C, "hw": hw, "stride": stride, "batch": BATCH, "primitives": list(reference.PRIMITIVES)},
+    )
+
+
+def cases(quick: bool, device: torch.device) -> list[Case]:
+    """The normal-cell edge and the deepest edge; none in --quick (compiling an edge takes tens of seconds)."""
+    if quick:
+        return []
+    return [_case("normal_32x32", 16, 32, 1), _case("deep_8x8", 64, 8, 1)]
