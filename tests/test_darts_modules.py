@@ -9,9 +9,12 @@ import torch.nn.functional as F
 import accel.nn
 from accel.nn.darts import Genotype, Network
 from accel.reference import darts as reference
+from accel.numerics import scaled_error
+from conftest import assert_by_rule
 
-# float32 against the eager twin in float32: the two differ only in the order of the weighted sum.
-TOL = dict(rtol=1e-5, atol=1e-6)
+# Whole networks in float32 against their eager twin in float32: the fused weighted sum and depthwise
+# convolutions add in another order than PyTorch's. Single edges are held to the numerics rule instead.
+TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def randomize_bn_stats(module):
@@ -41,13 +44,21 @@ def edge_forward_backward(op, x, weights):
 
 
 def assert_edges_match(fast, eager, x, weights):
-    for name, f, e in zip(["out", "grad x", "grad weights"], edge_forward_backward(fast, x, weights),
-                          edge_forward_backward(eager, x, weights)):
-        torch.testing.assert_close(f, e, **TOL, msg=lambda m: f"{name}: {m}")
-    for (name, pf), (_, pe) in zip(fast.named_parameters(), eager.named_parameters()):
-        torch.testing.assert_close(pf.grad, pe.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
-    for (name, bf), (_, be) in zip(fast.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(bf, be, **TOL, msg=lambda m: f"buffer {name}: {m}")
+    """The fast edge against the eager one by the numerics rule: both in float32, judged against the eager
+    edge in float64 (outputs, input, weight and parameter gradients, BN running statistics)."""
+    eager64 = copy.deepcopy(eager).double()
+    results = [edge_forward_backward(fast, x, weights), edge_forward_backward(eager, x, weights),
+               edge_forward_backward(eager64, x.double(), weights.double())]
+    for name, f, e, e64 in zip(["out", "grad x", "grad weights"], *results):
+        assert_by_rule(f, e, e64, name)
+    for (name, pf), (_, pe), (_, p64) in zip(fast.named_parameters(), eager.named_parameters(),
+                                             eager64.named_parameters()):
+        assert_by_rule(pf.grad, pe.grad, p64.grad, f"grad {name}")
+    for (name, bf), (_, be), (_, b64) in zip(fast.named_buffers(), eager.named_buffers(), eager64.named_buffers()):
+        if bf.is_floating_point():
+            assert_by_rule(bf, be, b64, f"buffer {name}")
+        else:
+            assert torch.equal(bf, be), name
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -147,13 +158,15 @@ def network_twins(**kwargs):
 
 def test_network_forward_backward_and_genotype_match_eager_darts():
     fast, eager = network_twins()
+    eager64 = copy.deepcopy(eager).double()
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
-    losses = [F.cross_entropy(net(x), target) for net in (fast, eager)]
+    losses = [F.cross_entropy(net(inp), target) for net, inp in ((fast, x), (eager, x), (eager64, x.double()))]
     for loss in losses:
         loss.backward()
-    torch.testing.assert_close(*losses, **TOL)
-    for (name, pf), (_, pe) in zip(fast.named_parameters(), eager.named_parameters()):
-        torch.testing.assert_close(pf.grad, pe.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+    assert_by_rule(*losses, "loss")
+    for (name, pf), (_, pe), (_, p64) in zip(fast.named_parameters(), eager.named_parameters(),
+                                             eager64.named_parameters()):
+        assert_by_rule(pf.grad, pe.grad, p64.grad, f"grad {name}")
     assert fast.genotype() == eager.genotype()
 
 
@@ -207,20 +220,25 @@ def test_network_in_float64_and_train_eval_modes():
 
 def test_search_steps_give_the_same_genotype_as_eager_darts():
     fast, eager = network_twins()
+    eager64 = copy.deepcopy(eager).double()
     initial_alphas = fast.alphas_normal.detach().clone()
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(3)]
-    for net in (fast, eager):
+    for net in (fast, eager, eager64):
+        dtype = next(net.parameters()).dtype
         # DARTS' first-order search: SGD on the weights, Adam on the architecture, alternating.
         w_opt = torch.optim.SGD(net.weights_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
         a_opt = torch.optim.Adam(net.arch_parameters(), lr=3e-2, betas=(0.5, 0.999), weight_decay=1e-3)
         for x, target in data:
             a_opt.zero_grad()
-            F.cross_entropy(net(x), target).backward()
+            F.cross_entropy(net(x.to(dtype)), target).backward()
             a_opt.step()
             w_opt.zero_grad()
-            F.cross_entropy(net(x), target).backward()
+            F.cross_entropy(net(x.to(dtype)), target).backward()
             w_opt.step()
     assert not torch.allclose(fast.alphas_normal, initial_alphas, atol=1e-2)  # the search did move
-    torch.testing.assert_close(fast.alphas_normal, eager.alphas_normal, **TOL)
-    torch.testing.assert_close(fast.alphas_reduce, eager.alphas_reduce, **TOL)
-    assert fast.genotype() == eager.genotype()
+    # Rounding differences grow over optimiser steps (Adam rescales small gradients), and eager float32
+    # shares its kernels' summation order with eager float64 while the fused kernels do not: after three
+    # steps the architecture is held to 1% of its scale, and the genotype must be the same.
+    for name in ("alphas_normal", "alphas_reduce"):
+        assert scaled_error(getattr(fast, name), getattr(eager64, name)) < 1e-2, name
+    assert fast.genotype() == eager.genotype() == eager64.genotype()
