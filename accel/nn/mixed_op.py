@@ -1,15 +1,19 @@
-"""accel.nn.MixedOp: DARTS' MixedOp(C, stride) with its weighted sum done by the fused accel.ops.mixed_op.
+"""accel.nn.MixedOp: DARTS' MixedOp(C, stride) on accel's fused kernels.
 
-It builds exactly the candidate operations of accel.reference.darts.MixedOp (same parameters, buffers
-and state_dict keys), so it loads a DARTS MixedOp's checkpoint and swaps into a DARTS search network.
-The depthwise convolutions of the sep_conv and dil_conv branches run on accel.ops.depthwise_conv2d,
-whose backward is many times faster than PyTorch's on the CPU.
+It builds exactly the candidate operations of accel.reference.darts.MixedOp (same parameters, buffers and
+state_dict keys), so it loads a DARTS MixedOp's checkpoint and swaps into a DARTS search network. What runs
+differs:
+- the depthwise convolutions of the sep_conv and dil_conv branches run on accel.ops.depthwise_conv2d,
+  whose backward is many times faster than PyTorch's on the CPU;
+- at stride 1 the max- and avg-pool branches with their BatchNorms run as one accel.ops.darts_pool_branches
+  (float32), which keeps only x for backward;
+- 'none' is never run, and the remaining outputs are mixed by accel.ops.mixed_op.
 """
 import torch
 from torch import nn
 
 from accel.nn.depthwise_conv2d import use_depthwise_kernels
-from accel.ops import mixed_op
+from accel.ops import darts_pool_branches, mixed_op
 from accel.reference.darts import PRIMITIVES, search_ops
 
 
@@ -33,14 +37,40 @@ class MixedOp(nn.Module):
         # The kept weights as runs of consecutive indices, taken by slicing: an index tensor would have to
         # be copied to the weights' device on every call (or live in a buffer DARTS' MixedOp lacks).
         self._weight_runs = _runs(computed)
+        # Both pooling branches at stride 1 can run fused; the other branches are then mixed without them.
+        pools = [primitives.index(name) if name in primitives else None for name in ("max_pool_3x3", "avg_pool_3x3")]
+        self._pools = pools if stride == 1 and None not in pools else None
+        if self._pools:
+            self._pool_weight_runs = _runs(sorted(pools)) if pools[0] < pools[1] else None
+            others = [k for k in computed if k not in pools]
+            self._others, self._other_weight_runs = others, _runs(others)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if weights.shape != (self._num_weights,):
             raise ValueError(f"MixedOp: `weights` must have shape ({self._num_weights},), one per primitive, "
                              f"got {tuple(weights.shape)}")
-        ys = [self._ops[k](x) for k in self._computed]
-        kept = [weights[start:stop] for start, stop in self._weight_runs]
-        return mixed_op(ys, weights=kept[0] if len(kept) == 1 else torch.cat(kept))
+        if self._pools and x.dtype == torch.float32 and x.dim() == 4:
+            return self._forward_with_fused_pools(x, weights)
+        return self._mix([self._ops[k](x) for k in self._computed], weights, self._weight_runs)
+
+    def _forward_with_fused_pools(self, x, weights):
+        max_k, avg_k = self._pools
+        pool_weights = (_gather(weights, self._pool_weight_runs) if self._pool_weight_runs is not None
+                        else torch.stack([weights[max_k], weights[avg_k]]))
+        pools = darts_pool_branches(x, pool_weights, self._ops[max_k][1], self._ops[avg_k][1])
+        if not self._others:
+            return pools
+        return self._mix([self._ops[k](x) for k in self._others], weights, self._other_weight_runs) + pools
+
+    @staticmethod
+    def _mix(ys, weights, runs):
+        return mixed_op(ys, weights=_gather(weights, runs))
+
+
+def _gather(weights: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """weights at the indices given as runs, by slicing (no index tensor, no host sync)."""
+    parts = [weights[start:stop] for start, stop in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
 """The public functional ops. Each defines its schema, fake kernel and autograd, and picks the backend."""
+from accel.ops.darts_pool_branches import darts_pool_branches
 from accel.ops.depthwise_conv2d import depthwise_conv2d
 from accel.ops.mixed_op import mixed_op
 
-__all__ = ["depthwise_conv2d", "mixed_op"]
+__all__ = ["darts_pool_branches", "depthwise_conv2d", "mixed_op"]
