@@ -44,7 +44,8 @@ class Verdict:
         return self.error <= self.allowed
 
 
-def judge(fast: torch.Tensor, reference_in_dtype: torch.Tensor, reference64: torch.Tensor) -> Verdict:
+def judge(fast: torch.Tensor, reference_in_dtype: torch.Tensor, reference64: torch.Tensor,
+          factor: float = 2.0) -> Verdict:
     """Applies the rule to one output: ``fast`` and ``reference_in_dtype`` both computed in fast's dtype."""
     ref_err = scaled_error(reference_in_dtype, reference64)
-    return Verdict(scaled_error(fast, reference64), 2 * ref_err + FLOOR[fast.dtype], ref_err)
+    return Verdict(scaled_error(fast, reference64), factor * ref_err + FLOOR[fast.dtype], ref_err)

@@ -24,24 +24,114 @@ namespace {
 
 constexpr int kBranches = 2;  // 0: max pool, 1: avg pool
 
-// The 3x3, stride 1, padding 1 max and average (count_include_pad=False) pools of one H x W plane.
-template <typename T>
-void pool_plane(const T* x, int64_t H, int64_t W, float* mx, float* av) {
+// max as torch's max pooling takes it: NaN wins.
+inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Scratch rows for one plane: horizontal 3-wide maxima and sums of every row, with one padding row above
+// and below (-inf and 0), and the window sizes of count_include_pad=False averaging per row and column
+// (the average divides by their product, exactly as PyTorch does).
+struct PoolScratch {
+  std::vector<float> padded, hmax, hsum, rows, cols, mx, av;
+  void size(int64_t H, int64_t W) {
+    padded.resize(W + 2);
+    mx.resize(H * W);
+    av.resize(H * W);
+    hmax.assign((H + 2) * W, -std::numeric_limits<float>::infinity());
+    hsum.assign((H + 2) * W, 0.f);
+    rows.resize(H);
+    cols.resize(W);
+    for (int64_t i = 0; i < H; ++i) rows[i] = static_cast<float>(1 + (i > 0) + (i + 1 < H));
+    for (int64_t j = 0; j < W; ++j) cols[j] = static_cast<float>(1 + (j > 0) + (j + 1 < W));
+  }
+};
+
+// 3x3 box sums (zero padding) of an H x W plane into out, separably; scratch.hsum is overwritten.
+inline void box_sum(const float* in, int64_t H, int64_t W, PoolScratch& s, float* out) {
+  float* pad = s.padded.data();
+  pad[0] = pad[W + 1] = 0.f;
+  for (int64_t r = 0; r < H; ++r) {
+    std::copy(in + r * W, in + (r + 1) * W, pad + 1);
+    float* hs = s.hsum.data() + (r + 1) * W;
+    for (int64_t j = 0; j < W; ++j) hs[j] = pad[j] + pad[j + 1] + pad[j + 2];
+  }
   for (int64_t i = 0; i < H; ++i) {
-    const int64_t r0 = std::max<int64_t>(i - 1, 0), r1 = std::min<int64_t>(i + 1, H - 1);
+    const float *a = s.hsum.data() + i * W, *b = a + W, *c = b + W;
+    float* o = out + i * W;
+    for (int64_t j = 0; j < W; ++j) o[j] = a[j] + b[j] + c[j];
+  }
+}
+
+// The 3x3, stride 1, padding 1 max and average (count_include_pad=False) pools of one H x W plane, separably:
+// a horizontal pass over each row, then a vertical one, both over contiguous rows that vectorise.
+template <typename T>
+inline void pool_plane(const T* x, int64_t H, int64_t W, PoolScratch& s, float* mx, float* av) {
+  float* pad = s.padded.data();
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t j = 0; j < W; ++j) pad[j + 1] = static_cast<float>(x[r * W + j]);
+    float* hm = s.hmax.data() + (r + 1) * W;
+    float* hs = s.hsum.data() + (r + 1) * W;
+    pad[0] = pad[W + 1] = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < W; ++j) hm[j] = nan_max(nan_max(pad[j], pad[j + 1]), pad[j + 2]);
+    pad[0] = pad[W + 1] = 0.f;
+    for (int64_t j = 0; j < W; ++j) hs[j] = pad[j] + pad[j + 1] + pad[j + 2];
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    const float *ma = s.hmax.data() + i * W, *mb = ma + W, *mc = mb + W;
+    const float *sa = s.hsum.data() + i * W, *sb = sa + W, *sc = sb + W;
+    const float rows = s.rows[i];
+    const float* cols = s.cols.data();
     for (int64_t j = 0; j < W; ++j) {
-      const int64_t c0 = std::max<int64_t>(j - 1, 0), c1 = std::min<int64_t>(j + 1, W - 1);
-      float m = -std::numeric_limits<float>::infinity(), s = 0.f;
-      for (int64_t r = r0; r <= r1; ++r)
-        for (int64_t c = c0; c <= c1; ++c) {
-          const float v = static_cast<float>(x[r * W + c]);
-          if (v > m || std::isnan(v)) m = v;
-          s += v;
-        }
-      mx[i * W + j] = m;
-      av[i * W + j] = s / static_cast<float>((r1 - r0 + 1) * (c1 - c0 + 1));
+      mx[i * W + j] = nan_max(nan_max(ma[j], mb[j]), mc[j]);
+      av[i * W + j] = (sa[j] + sb[j] + sc[j]) / (rows * cols[j]);
     }
   }
+}
+
+// Training pass 1 of one plane: acc += [sum mx, sum mx^2, sum av, sum av^2] of its pooled values.
+ACCEL_CPU_CLONES void pooled_moments_plane(const float* x, int64_t H, int64_t W, PoolScratch& s, double* acc) {
+  pool_plane(x, H, W, s, s.mx.data(), s.av.data());
+  float sum[4][16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= H * W; k += 16)  // float lanes per 16 columns, added in double below
+    for (int l = 0; l < 16; ++l) {
+      const float m = s.mx[k + l], a = s.av[k + l];
+      sum[0][l] += m, sum[1][l] += m * m, sum[2][l] += a, sum[3][l] += a * a;
+    }
+  for (; k < H * W; ++k) {
+    const double m = s.mx[k], a = s.av[k];
+    acc[0] += m, acc[1] += m * m, acc[2] += a, acc[3] += a * a;
+  }
+  for (int q = 0; q < 4; ++q)
+    for (int l = 0; l < 16; ++l) acc[q] += sum[q][l];
+}
+
+// out = a * maxpool(x) + b * avgpool(x) + d over one plane.
+ACCEL_CPU_CLONES void mix_plane(const float* x, int64_t H, int64_t W, float a, float b, float d, PoolScratch& s,
+                                float* out) {
+  pool_plane(x, H, W, s, s.mx.data(), s.av.data());
+  for (int64_t k = 0; k < H * W; ++k) out[k] = a * s.mx[k] + b * s.av[k] + d;
+}
+
+// Backward pass 1 of one plane: acc += [sum g, sum g * xhat_max, sum g * xhat_avg].
+ACCEL_CPU_CLONES void gradient_moments_plane(const float* x, const float* g, int64_t H, int64_t W, const float* mean,
+                                             const float* invstd, PoolScratch& s, double* acc) {
+  pool_plane(x, H, W, s, s.mx.data(), s.av.data());
+  float sum[3][16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= H * W; k += 16)
+    for (int l = 0; l < 16; ++l) {
+      const float gl = g[k + l];
+      sum[0][l] += gl;
+      sum[1][l] += gl * ((s.mx[k + l] - mean[0]) * invstd[0]);
+      sum[2][l] += gl * ((s.av[k + l] - mean[1]) * invstd[1]);
+    }
+  for (; k < H * W; ++k) {
+    acc[0] += g[k];
+    acc[1] += static_cast<double>(g[k]) * ((s.mx[k] - mean[0]) * invstd[0]);
+    acc[2] += static_cast<double>(g[k]) * ((s.av[k] - mean[1]) * invstd[1]);
+  }
+  for (int q = 0; q < 3; ++q)
+    for (int l = 0; l < 16; ++l) acc[q] += sum[q][l];
 }
 
 struct Shape {
@@ -93,12 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
   if (training) {
     // sums per channel: [max sum, max sum of squares, avg sum, avg sum of squares]
     const auto sums = channel_sums(s, 4, [&](int64_t p, double* acc) {
-      std::vector<float> mx(hw), av(hw);
-      pool_plane(xp + p * hw, s.H, s.W, mx.data(), av.data());
-      for (int64_t k = 0; k < hw; ++k) {
-        acc[0] += mx[k], acc[1] += static_cast<double>(mx[k]) * mx[k];
-        acc[2] += av[k], acc[3] += static_cast<double>(av[k]) * av[k];
-      }
+      thread_local PoolScratch scratch;
+      scratch.size(s.H, s.W);
+      pooled_moments_plane(xp + p * hw, s.H, s.W, scratch, acc);
     });
     for (int b = 0; b < kBranches; ++b) {
       float* rm = new_running.mutable_data_ptr<float>() + (2 * b) * s.C;
@@ -128,18 +215,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
   auto out = at::empty_like(x);
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> mx(hw), av(hw);
+    PoolScratch scratch;
+    scratch.size(s.H, s.W);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % s.C;
-      pool_plane(xp + p * hw, s.H, s.W, mx.data(), av.data());
       // w0 * (mx - mean0) * r0 + w1 * (av - mean1) * r1, as a * mx + b * av + d
       const float a = w0 * st[s.C + c], b = w1 * st[3 * s.C + c];
-      const float d = -(a * st[c] + b * st[2 * s.C + c]);
-      float* o = op + p * hw;
-      for (int64_t k = 0; k < hw; ++k) o[k] = a * mx[k] + b * av[k] + d;
+      mix_plane(xp + p * hw, s.H, s.W, a, b, -(a * st[c] + b * st[2 * s.C + c]), scratch, op + p * hw);
     }
   });
   return {out, stats, new_running};
+}
+
+// What pass 2 needs of one plane's channel: per branch b, dp_b = coef_b (g - mean_g - xhat_b mean_gx_b).
+struct PlaneGradient {
+  float mean_g, coef[kBranches], mean_gx[kBranches], mean[kBranches], invstd[kBranches];
+};
+
+struct BackwardScratch {
+  PoolScratch pool;
+  std::vector<float> mx, av, dmax, q, padded_x, arg;
+  explicit BackwardScratch(const Shape& s)
+      : mx(s.plane()), av(s.plane()), dmax(s.plane()), q(s.plane()),
+        padded_x((s.H + 2) * (s.W + 2), -std::numeric_limits<float>::infinity()), arg(s.plane()) {
+    pool.size(s.H, s.W);
+  }
+};
+
+// dx of one plane: the avg branch's gradient spread by a 3x3 box sum, the max branch's routed to the first
+// maximum of each window in PyTorch's scan order (window offsets tried last to first over the -inf padded
+// plane, so the first match is kept; offsets are kept as floats so the selection vectorises).
+ACCEL_CPU_CLONES void backward_dx_plane(const Shape& s, const float* x, const float* g, const PlaneGradient& pg,
+                                        BackwardScratch& b, float* dx) {
+  const int64_t H = s.H, W = s.W;
+  pool_plane(x, H, W, b.pool, b.mx.data(), b.av.data());
+  for (int64_t i = 0; i < H; ++i) {
+    const float rows = b.pool.rows[i];
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t k = i * W + j;
+      b.dmax[k] = pg.coef[0] * (g[k] - pg.mean_g - (b.mx[k] - pg.mean[0]) * pg.invstd[0] * pg.mean_gx[0]);
+      b.q[k] = pg.coef[1] * (g[k] - pg.mean_g - (b.av[k] - pg.mean[1]) * pg.invstd[1] * pg.mean_gx[1]) /
+               (rows * b.pool.cols[j]);
+    }
+  }
+  box_sum(b.q.data(), H, W, b.pool, dx);
+  float* xpad = b.padded_x.data();
+  for (int64_t r = 0; r < H; ++r) std::copy(x + r * W, x + (r + 1) * W, xpad + (r + 1) * (W + 2) + 1);
+  for (int64_t off = 8; off >= 0; --off) {
+    const int64_t dr = off / 3, dc = off % 3;
+    const float code = static_cast<float>(off);
+    for (int64_t i = 0; i < H; ++i) {
+      const float* v = xpad + (i + dr) * (W + 2) + dc;
+      const float* m = b.mx.data() + i * W;
+      float* a = b.arg.data() + i * W;
+      for (int64_t j = 0; j < W; ++j) a[j] = (v[j] == m[j] || (v[j] != v[j] && m[j] != m[j])) ? code : a[j];
+    }
+  }
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t k = i * W + j, off = static_cast<int64_t>(b.arg[k]);
+      dx[(i + off / 3 - 1) * W + j + off % 3 - 1] += b.dmax[k];
+    }
 }
 
 // eps is in the schema for the reference fallback, which recomputes the batch statistics; here `stats`
@@ -165,14 +301,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_in, const
   // Pass 1: per channel, sum g and sum g * xhat_b (which is also d w_b summed over channels).
   const auto sums = channel_sums(s, 3, [&](int64_t p, double* acc) {
     const int64_t c = p % s.C;
-    std::vector<float> mx(hw), av(hw);
-    pool_plane(xp + p * hw, s.H, s.W, mx.data(), av.data());
-    const float* gpl = gp + p * hw;
-    for (int64_t k = 0; k < hw; ++k) {
-      acc[0] += gpl[k];
-      acc[1] += static_cast<double>(gpl[k]) * ((mx[k] - st[c]) * st[s.C + c]);
-      acc[2] += static_cast<double>(gpl[k]) * ((av[k] - st[2 * s.C + c]) * st[3 * s.C + c]);
-    }
+    thread_local PoolScratch scratch;
+    scratch.size(s.H, s.W);
+    const float mean[kBranches] = {st[c], st[2 * s.C + c]}, invstd[kBranches] = {st[s.C + c], st[3 * s.C + c]};
+    gradient_moments_plane(xp + p * hw, gp + p * hw, s.H, s.W, mean, invstd, scratch, acc);
   });
   double dw[kBranches] = {0.0, 0.0};
   for (int64_t c = 0; c < s.C; ++c) dw[0] += sums[c * 3 + 1], dw[1] += sums[c * 3 + 2];
@@ -182,41 +314,18 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_in, const
   auto gx = at::empty_like(x);
   float* gxp = gx.mutable_data_ptr<float>();
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> mx(hw), av(hw);
+    BackwardScratch scratch(s);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % s.C;
-      const float* xpl = xp + p * hw;
-      const float* gpl = gp + p * hw;
-      float* dx = gxp + p * hw;
-      pool_plane(xpl, s.H, s.W, mx.data(), av.data());
-      const float mean_g = training ? static_cast<float>(sums[c * 3] / count) : 0.f;
-      float coef[kBranches], mean_gx[kBranches];
+      PlaneGradient pg;
+      pg.mean_g = training ? static_cast<float>(sums[c * 3] / count) : 0.f;
       for (int b = 0; b < kBranches; ++b) {
-        coef[b] = w[b] * st[(2 * b + 1) * s.C + c];
-        mean_gx[b] = training ? static_cast<float>(sums[c * 3 + 1 + b] / count) : 0.f;
+        pg.coef[b] = w[b] * st[(2 * b + 1) * s.C + c];
+        pg.mean_gx[b] = training ? static_cast<float>(sums[c * 3 + 1 + b] / count) : 0.f;
+        pg.mean[b] = st[2 * b * s.C + c];
+        pg.invstd[b] = st[(2 * b + 1) * s.C + c];
       }
-      std::fill(dx, dx + hw, 0.f);
-      for (int64_t i = 0; i < s.H; ++i) {
-        const int64_t r0 = std::max<int64_t>(i - 1, 0), r1 = std::min<int64_t>(i + 1, s.H - 1);
-        for (int64_t j = 0; j < s.W; ++j) {
-          const int64_t c0 = std::max<int64_t>(j - 1, 0), c1 = std::min<int64_t>(j + 1, s.W - 1);
-          const int64_t k = i * s.W + j;
-          const float xhat_m = (mx[k] - st[c]) * st[s.C + c];
-          const float xhat_a = (av[k] - st[2 * s.C + c]) * st[3 * s.C + c];
-          const float dmax = coef[0] * (gpl[k] - mean_g - xhat_m * mean_gx[0]);
-          const float davg = coef[1] * (gpl[k] - mean_g - xhat_a * mean_gx[1]) /
-                             static_cast<float>((r1 - r0 + 1) * (c1 - c0 + 1));
-          int64_t arg = r0 * s.W + c0;
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t r = r0; r <= r1; ++r)
-            for (int64_t cc = c0; cc <= c1; ++cc) {
-              const float v = xpl[r * s.W + cc];
-              if (v > m || std::isnan(v)) m = v, arg = r * s.W + cc;
-              dx[r * s.W + cc] += davg;
-            }
-          dx[arg] += dmax;
-        }
-      }
+      backward_dx_plane(s, xp + p * hw, gp + p * hw, pg, scratch, gxp + p * hw);
     }
   });
   auto grad_weights = at::empty({kBranches}, weights.options().dtype(at::kDouble));
