@@ -7,7 +7,8 @@ import torch
 from accel import _extension
 from accel.ops import _library
 
-OPS = ["mixed_op", "mixed_op_backward"]
+OPS = ["mixed_op", "mixed_op_backward", "depthwise_conv2d", "depthwise_conv2d_backward", "darts_pool_branches",
+       "darts_pool_branches_backward"]
 CPU_FEATURES = ["avx2", "fma", "popcnt", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "bmi2"]
 
 
@@ -61,5 +62,5 @@ def main(argv=None) -> int:
     print("\nbackends:")
     for op in OPS:
         cuda = backend(op, "CUDA") + ("" if torch.cuda.is_available() else " (no CUDA device here)")
-        print(f"  {op:<22} cpu: {backend(op, 'CPU'):<22} cuda: {cuda}")
+        print(f"  {op:<30} cpu: {backend(op, 'CPU'):<22} cuda: {cuda}")
     return 0

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from accel.numerics import judge
-from accel.verify import mixed_op
+from accel.verify import darts_pool_branches, depthwise_conv2d, mixed_op
 
-OP_MODULES = {"mixed_op": mixed_op}
+OP_MODULES = {"mixed_op": mixed_op, "depthwise_conv2d": depthwise_conv2d, "darts_pool_branches": darts_pool_branches}
 
 
 @dataclass
@@ -38,7 +38,7 @@ def compare(op: str, case: str, names, fast, reference_in_dtype, reference64):
 def run(device: str = "cpu", ops=None, out=sys.stdout) -> bool:
     """Prints the table; returns whether every check passed."""
     rows = []
-    header = f"{'op':<10} {'case':<34} {'output':<14} {'dtype':<9} {'error':>10} {'allowed':>10}  result"
+    header = f"{'op':<20} {'case':<34} {'output':<17} {'dtype':<9} {'error':>10} {'allowed':>10}  result"
     print(header, file=out)
     print("-" * len(header), file=out)
     for name, module in OP_MODULES.items():
@@ -46,7 +46,7 @@ def run(device: str = "cpu", ops=None, out=sys.stdout) -> bool:
             continue
         for row in module.checks(device, compare):
             rows.append(row)
-            print(f"{row.op:<10} {row.case:<34} {row.output:<14} {row.dtype:<9} {row.error:>10.2e} "
+            print(f"{row.op:<20} {row.case:<34} {row.output:<17} {row.dtype:<9} {row.error:>10.2e} "
                   f"{row.allowed:>10.2e}  {'ok' if row.ok else 'FAIL'}", file=out)
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} checks passed on {device}", file=out)
