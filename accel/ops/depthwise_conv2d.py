@@ -1,8 +1,9 @@
 """accel.ops.depthwise_conv2d: depthwise 2-D convolution (groups = channels), forward and backward.
 
 The spatial half of DARTS' sep_conv and dil_conv candidates. PyTorch's CPU backward for this
-convolution runs 10-50x slower than its forward; the C++ kernel (csrc/cpu/depthwise_conv2d.cpp) makes
-both gradients in one pass over the gradient and the input. CUDA tensors use cuDNN through the reference.
+convolution runs 10-50x slower than its forward; the C++ backward (csrc/cpu/depthwise_conv2d.cpp) makes
+both gradients in one pass over the gradient and the input. The forward is ATen's. CUDA tensors use cuDNN
+through the reference.
 """
 import torch
 from torch import Tensor

@@ -1,13 +1,13 @@
 // Depthwise 2-D convolution on the CPU (DARTS' separable and dilated convolutions), forward and backward.
 //
-// Work is split over the N*C independent planes. At stride 1 (DARTS' sep and dil convs but the first
-// conv of a reduction edge) each plane is copied once into a zero-padded buffer in L1/L2, and then every
-// pass is a correlation over it with no bounds checks, kTile output columns held in registers across all
-// kernel taps:
-//   forward      out = x_padded (*) w
+// The forward is ATen's (oneDNN's depthwise kernel is fast); PyTorch's CPU backward for this convolution is
+// 10-50x slower than its forward, and that is what this file replaces. Work is split over the N*C
+// independent planes. At stride 1 (DARTS' sep and dil convs but the first conv of a reduction edge) each
+// plane is copied once into a zero-padded buffer in L1/L2, and each gradient is then a pass over it with no
+// bounds checks, kTile output columns held in registers across all kernel taps:
 //   grad input   gx  = g_padded (*) flip(w)           (the transposed convolution at stride 1)
 //   grad weight  gw[a,b] = <g, x_padded shifted by (a*d, b*d)>
-// Other strides and paddings go to ATen's convolution (the few stride-2 convs of a reduction edge).
+// Other strides and paddings go to ATen's backward too (the few stride-2 convs of a reduction edge).
 // The backward reads g and x once per plane and makes both gradients in that pass; the weight gradient's
 // per-plane partial sums are added over the batch in a fixed order, so it is bitwise reproducible.
 #include <ATen/ATen.h>
@@ -42,8 +42,8 @@ void pad_plane(const T* src, int64_t rows, int64_t cols, int64_t top, int64_t le
     for (int64_t c = 0; c < cols; ++c) dst[(r + top) * cols_p + c + left] = static_cast<A>(src[r * cols + c]);
 }
 
-// out[i, j] = sum_{a,b} w[a, b] * in[i + a*dh, j + b*dw] for i < OH, j < OW, over a padded plane whose rows
-// are cols_p >= round_up(OW, kTile) + (KW - 1) * dw wide.
+// out[i, j] = sum_{a,b} w[a, b] * in[i + a*dh, j + b*dw] for i < OH, j < OW (stride 1), over a padded plane
+// whose rows are cols_p >= round_up(OW, kTile) + (KW - 1) * dw wide.
 template <typename T, typename A>
 inline void correlate(const A* in, int64_t cols_p, const A* w, int64_t KH, int64_t KW, int64_t dh, int64_t dw,
                       int64_t OH, int64_t OW, T* out) {
@@ -67,17 +67,6 @@ inline void correlate(const A* in, int64_t cols_p, const A* w, int64_t KH, int64
 // The stride-1 path needs the padding within the dilated kernel's reach (always so in DARTS).
 bool fast_path(const Geometry& g) {
   return g.sh == 1 && g.sw == 1 && g.ph <= (g.KH - 1) * g.dh && g.pw <= (g.KW - 1) * g.dw;
-}
-
-template <typename T>
-ACCEL_CPU_CLONES void forward_plane_s1(const Geometry& g, const T* x, const T* w, T* out) {
-  using A = acc_t<T>;
-  const int64_t cols_p = round_up(g.OW, kTile) + (g.KW - 1) * g.dw;
-  thread_local std::vector<A> xp;
-  pad_plane(x, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, cols_p, xp);
-  A wa[64];
-  for (int64_t t = 0; t < g.KH * g.KW; ++t) wa[t] = static_cast<A>(w[t]);
-  correlate(xp.data(), cols_p, wa, g.KH, g.KW, g.dh, g.dw, g.OH, g.OW, out);
 }
 
 template <typename T>
@@ -148,24 +137,10 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   return g;
 }
 
-at::Tensor depthwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, at::IntArrayRef stride,
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const Geometry g = geometry(x_in, weight_in, stride, padding, dilation);
-  if (!fast_path(g)) return at::conv2d(x_in, weight_in, {}, stride, padding, dilation, g.C).contiguous();
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  auto out = at::empty({g.N, g.C, g.OH, g.OW}, x.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        forward_plane_s1<scalar_t>(g, xp + p * g.H * g.W, wp + (p % g.C) * g.KH * g.KW, op + p * g.OH * g.OW);
-    });
-  });
-  return out;
+  const Geometry g = geometry(x, weight, stride, padding, dilation);
+  return at::conv2d(x, weight, {}, stride, padding, dilation, g.C).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
