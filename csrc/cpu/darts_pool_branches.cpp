@@ -64,7 +64,7 @@ inline void box_sum(const float* in, int64_t H, int64_t W, PoolScratch& s, float
 // The 3x3, stride 1, padding 1 max and average (count_include_pad=False) pools of one H x W plane, separably:
 // a horizontal pass over each row, then a vertical one, both over contiguous rows that vectorise.
 template <typename T>
-inline void pool_plane(const T* x, int64_t H, int64_t W, PoolScratch& s, float* mx, float* av) {
+inline void pool_plane(const T* x, int64_t H, int64_t W, PoolScratch& s, float* __restrict mx, float* __restrict av) {
   float* pad = s.padded.data();
   for (int64_t r = 0; r < H; ++r) {
     for (int64_t j = 0; j < W; ++j) pad[j + 1] = static_cast<float>(x[r * W + j]);
@@ -76,13 +76,15 @@ inline void pool_plane(const T* x, int64_t H, int64_t W, PoolScratch& s, float* 
     for (int64_t j = 0; j < W; ++j) hs[j] = pad[j] + pad[j + 1] + pad[j + 2];
   }
   for (int64_t i = 0; i < H; ++i) {
-    const float *ma = s.hmax.data() + i * W, *mb = ma + W, *mc = mb + W;
-    const float *sa = s.hsum.data() + i * W, *sb = sa + W, *sc = sb + W;
+    const float* __restrict ma = s.hmax.data() + i * W;
+    const float* __restrict sa = s.hsum.data() + i * W;
+    const float* __restrict cols = s.cols.data();
+    float* __restrict mxi = mx + i * W;
+    float* __restrict avi = av + i * W;
     const float rows = s.rows[i];
-    const float* cols = s.cols.data();
     for (int64_t j = 0; j < W; ++j) {
-      mx[i * W + j] = nan_max(nan_max(ma[j], mb[j]), mc[j]);
-      av[i * W + j] = (sa[j] + sb[j] + sc[j]) / (rows * cols[j]);
+      mxi[j] = nan_max(nan_max(ma[j], ma[j + W]), ma[j + 2 * W]);
+      avi[j] = (sa[j] + sa[j + W] + sa[j + 2 * W]) / (rows * cols[j]);
     }
   }
 }
