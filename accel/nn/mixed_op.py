@@ -7,6 +7,8 @@ differs:
   whose backward is many times faster than PyTorch's on the CPU;
 - at stride 1 the max- and avg-pool branches with their BatchNorms run as one accel.ops.darts_pool_branches
   (float32), which keeps only x for backward;
+- the sep_conv and dil_conv branches all start with ReLU(x): it is computed once and shared, so autograd
+  keeps one copy of it instead of four;
 - 'none' is never run, and the remaining outputs are mixed by accel.ops.mixed_op.
 """
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 
 from accel.nn.depthwise_conv2d import use_depthwise_kernels
 from accel.ops import darts_pool_branches, mixed_op
-from accel.reference.darts import PRIMITIVES, search_ops
+from accel.reference.darts import PRIMITIVES, DilConv, SepConv, search_ops
 
 
 class MixedOp(nn.Module):
@@ -23,6 +25,9 @@ class MixedOp(nn.Module):
     The 'none' candidate is never run: its output is zero, so it adds nothing to the sum and its weight's
     gradient <grad, 0> is 0 -- which is what its weight gets here too (it is left out of the fused sum).
     Deciding this from the primitive's name, not the weight's value, needs no host sync.
+
+    The conv branches run layer by layer after the shared ReLU, and the pooling branches as one op, so hooks
+    on those branch modules themselves do not fire (hooks on their layers do).
     """
 
     def __init__(self, C: int, stride: int, primitives=PRIMITIVES):
@@ -37,6 +42,9 @@ class MixedOp(nn.Module):
         # The kept weights as runs of consecutive indices, taken by slicing: an index tensor would have to
         # be copied to the weights' device on every call (or live in a buffer DARTS' MixedOp lacks).
         self._weight_runs = _runs(computed)
+        # The conv branches' layers after their leading ReLU, in a plain list: registering them again would
+        # change the state_dict keys.
+        self._after_relu = {k: list(op.op)[1:] for k, op in enumerate(self._ops) if isinstance(op, (SepConv, DilConv))}
         # Both pooling branches at stride 1 can run fused; the other branches are then mixed without them.
         pools = [primitives.index(name) if name in primitives else None for name in ("max_pool_3x3", "avg_pool_3x3")]
         self._pools = pools if stride == 1 and None not in pools else None
@@ -51,7 +59,21 @@ class MixedOp(nn.Module):
                              f"got {tuple(weights.shape)}")
         if self._pools and x.dtype == torch.float32 and x.dim() == 4:
             return self._forward_with_fused_pools(x, weights)
-        return self._mix([self._ops[k](x) for k in self._computed], weights, self._weight_runs)
+        return self._mix(self._branches(x, self._computed), weights, self._weight_runs)
+
+    def _branches(self, x, indices):
+        """The outputs of the branches at ``indices``, the conv branches sharing one ReLU(x)."""
+        relu_x = torch.relu(x) if any(k in self._after_relu for k in indices) else None
+        ys = []
+        for k in indices:
+            if k in self._after_relu:
+                y = relu_x
+                for layer in self._after_relu[k]:
+                    y = layer(y)
+                ys.append(y)
+            else:
+                ys.append(self._ops[k](x))
+        return ys
 
     def _forward_with_fused_pools(self, x, weights):
         max_k, avg_k = self._pools
@@ -60,7 +82,7 @@ class MixedOp(nn.Module):
         pools = darts_pool_branches(x, pool_weights, self._ops[max_k][1], self._ops[avg_k][1])
         if not self._others:
             return pools
-        return self._mix([self._ops[k](x) for k in self._others], weights, self._other_weight_runs) + pools
+        return self._mix(self._branches(x, self._others), weights, self._other_weight_runs) + pools
 
     @staticmethod
     def _mix(ys, weights, runs):
