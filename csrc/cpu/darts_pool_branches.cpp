@@ -32,7 +32,11 @@ inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 // (the average divides by their product, exactly as PyTorch does).
 struct PoolScratch {
   std::vector<float> padded, hmax, hsum, rows, cols, mx, av;
-  void size(int64_t H, int64_t W) {
+  int64_t H = -1, W = -1;
+  // Sizes the buffers for H x W planes; every pass overwrites all but the padding rows, which stay as set.
+  void size(int64_t H_, int64_t W_) {
+    if (H_ == H && W_ == W) return;
+    H = H_, W = W_;
     padded.resize(W + 2);
     mx.resize(H * W);
     av.resize(H * W);
