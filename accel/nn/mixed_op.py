@@ -49,7 +49,6 @@ class MixedOp(nn.Module):
         pools = [primitives.index(name) if name in primitives else None for name in ("max_pool_3x3", "avg_pool_3x3")]
         self._pools = pools if stride == 1 and None not in pools else None
         if self._pools:
-            self._pool_weight_runs = _runs(sorted(pools)) if pools[0] < pools[1] else None
             others = [k for k in computed if k not in pools]
             self._others, self._other_weight_runs = others, _runs(others)
 
@@ -77,8 +76,7 @@ class MixedOp(nn.Module):
 
     def _forward_with_fused_pools(self, x, weights):
         max_k, avg_k = self._pools
-        pool_weights = (_gather(weights, self._pool_weight_runs) if self._pool_weight_runs is not None
-                        else torch.stack([weights[max_k], weights[avg_k]]))
+        pool_weights = torch.stack([weights[max_k], weights[avg_k]])
         pools = darts_pool_branches(x, pool_weights, self._ops[max_k][1], self._ops[avg_k][1])
         if not self._others:
             return pools

@@ -64,9 +64,13 @@ inline void correlate(const A* in, int64_t cols_p, const A* w, int64_t KH, int64
   }
 }
 
-// The stride-1 path needs the padding within the dilated kernel's reach (always so in DARTS).
+constexpr int64_t kMaxTaps = 64;  // kernel taps the stride-1 backward keeps on the stack (8x8)
+
+// The stride-1 path needs the padding within the dilated kernel's reach (always so in DARTS) and at most
+// kMaxTaps taps; anything else takes ATen's backward.
 bool fast_path(const Geometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.ph <= (g.KH - 1) * g.dh && g.pw <= (g.KW - 1) * g.dw;
+  return g.sh == 1 && g.sw == 1 && g.ph <= (g.KH - 1) * g.dh && g.pw <= (g.KW - 1) * g.dw &&
+         g.KH * g.KW <= kMaxTaps;
 }
 
 template <typename T>
@@ -79,7 +83,7 @@ ACCEL_CPU_CLONES void backward_plane_s1(const Geometry& g, const T* grad, const 
     const int64_t cols_p = round_up(g.W, kTile) + (g.KW - 1) * g.dw;
     thread_local std::vector<A> gp;
     pad_plane(grad, g.OH, g.OW, top, left, g.H + (g.KH - 1) * g.dh, cols_p, gp);
-    A flipped[64];
+    A flipped[kMaxTaps];
     for (int64_t t = 0; t < taps; ++t) flipped[t] = static_cast<A>(w[taps - 1 - t]);
     correlate(gp.data(), cols_p, flipped, g.KH, g.KW, g.dh, g.dw, g.H, g.W, gx);
   }
@@ -89,7 +93,7 @@ ACCEL_CPU_CLONES void backward_plane_s1(const Geometry& g, const T* grad, const 
     thread_local std::vector<A> xp, grow;
     pad_plane(x, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, cols_p, xp);
     grow.assign(ow_p, A(0));  // one row of g, zero past OW so the padded tile adds nothing
-    A acc[64][kTile] = {};
+    A acc[kMaxTaps][kTile] = {};
     for (int64_t i = 0; i < g.OH; ++i) {
       std::copy(grad + i * g.OW, grad + (i + 1) * g.OW, grow.begin());
       for (int64_t a = 0; a < g.KH; ++a) {
@@ -132,8 +136,6 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "depthwise_conv2d: the output would be empty (", g.OH, " x ", g.OW,
               "): the dilated kernel is larger than the padded input");
-  TORCH_CHECK(g.KH * g.KW <= 64, "depthwise_conv2d: kernels of at most 64 taps are supported, got ", g.KH, " x ",
-              g.KW);
   return g;
 }
 
