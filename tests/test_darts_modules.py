@@ -89,25 +89,30 @@ def test_primitive_subsets_with_none_in_the_middle():
 
 def test_fused_ops_run_and_none_is_never_run(monkeypatch):
     module = importlib.import_module("accel.nn.mixed_op")  # accel.nn.MixedOp's module, not the op
-    fused = module.mixed_op
     calls = []
+    for name in ("mixed_op", "batch_norm_mix", "darts_pool_branches"):
+        def recording(*args, _name=name, _op=getattr(module, name), **kwargs):
+            tensors = args[0] if isinstance(args[0], list) else [args[0]]
+            calls.append((_name, len(tensors)))
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(module, name, recording)
 
-    def recording_mixed_op(ys, weights):
-        calls.append((len(ys), tuple(weights.shape)))
-        return fused(ys, weights=weights)
-
-    monkeypatch.setattr(module, "mixed_op", recording_mixed_op)
     op = accel.nn.MixedOp(4, 1)
     for k in (0, 1, 2):  # 'none', and the two pools, which run fused
         op._ops[k].register_forward_hook(lambda *args: pytest.fail("an eager branch ran"))
+    for k in (4, 5, 6, 7):  # the conv branches' last BatchNorm runs inside batch_norm_mix
+        op._ops[k].op[-1].register_forward_hook(lambda *args: pytest.fail("an eager BatchNorm ran"))
     op(torch.randn(2, 4, 8, 8), torch.softmax(torch.randn(8), 0))
-    assert calls == [(5, (5,))]
+    # 4 conv branches fused with their BatchNorms, the identity mixed alone, the pools fused
+    assert sorted(calls) == [("batch_norm_mix", 4), ("darts_pool_branches", 1), ("mixed_op", 1)]
     assert all(isinstance(op._ops[k].op[i], accel.nn.DepthwiseConv2d) for k, i in ((4, 1), (4, 5), (6, 1)))
     calls.clear()
-    op(torch.randn(2, 4, 8, 8, dtype=torch.float64).float().double().float(), torch.softmax(torch.randn(8), 0))
-    reduce_op = accel.nn.MixedOp(4, 2)  # stride 2: the pools run eagerly (the fused op is stride 1)
+    reduce_op = accel.nn.MixedOp(4, 2)  # stride 2: the pools run eagerly, FactorizedReduce joins the conv branches
     reduce_op(torch.randn(2, 4, 8, 8), torch.softmax(torch.randn(8), 0))
-    assert calls[-1] == (7, (7,))
+    assert sorted(calls) == [("batch_norm_mix", 5), ("mixed_op", 2)]
+    calls.clear()
+    accel.nn.MixedOp(4, 1).bfloat16()(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.rand(8).bfloat16())
+    assert calls == [("mixed_op", 7)]  # bfloat16: eager BatchNorms and pools, one fused sum
 
 
 def test_same_parameters_buffers_and_state_dict_as_darts():

@@ -1,6 +1,7 @@
 """The public functional ops. Each defines its schema, fake kernel and autograd, and picks the backend."""
+from accel.ops.batch_norm_mix import batch_norm_mix
 from accel.ops.darts_pool_branches import darts_pool_branches
 from accel.ops.depthwise_conv2d import depthwise_conv2d
 from accel.ops.mixed_op import mixed_op
 
-__all__ = ["darts_pool_branches", "depthwise_conv2d", "mixed_op"]
+__all__ = ["batch_norm_mix", "darts_pool_branches", "depthwise_conv2d", "mixed_op"]

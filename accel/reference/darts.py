@@ -144,12 +144,39 @@ def search_ops(C: int, stride: int, primitives=PRIMITIVES) -> nn.ModuleList:
     return ops
 
 
-class MixedOp(nn.Module):
-    """DARTS' eager mixed operation: every candidate runs, and ``forward(x, weights) = sum_o w_o * o(x)``."""
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """PC-DARTS' channel shuffle: the channels in `groups` groups, interleaved (channel g*C/groups + j goes
+    to j*groups + g)."""
+    N, C, H, W = x.shape
+    return x.view(N, groups, C // groups, H, W).transpose(1, 2).contiguous().view(N, C, H, W)
 
-    def __init__(self, C: int, stride: int, primitives=PRIMITIVES):
+
+class MixedOp(nn.Module):
+    """DARTS' eager mixed operation: every candidate runs, and ``forward(x, weights) = sum_o w_o * o(x)``.
+
+    With ``partial_channels`` K > 1 it is PC-DARTS' (Xu et al., 2020) partial-channel edge: the candidates
+    see only the first C/K channels, the rest bypass them (max-pooled 2x2 when the edge reduces), and the
+    concatenation is channel-shuffled in K groups.
+    """
+
+    def __init__(self, C: int, stride: int, primitives=PRIMITIVES, partial_channels: int = 1):
         super().__init__()
-        self._ops = search_ops(C, stride, primitives)
+        self._k = partial_channels
+        if partial_channels > 1:
+            self.mp = nn.MaxPool2d(2, 2)
+        self._ops = search_ops(C // partial_channels, stride, primitives)
 
     def forward(self, x, weights):
-        return sum(w * op(x) for w, op in zip(weights, self._ops))
+        if self._k == 1:
+            return sum(w * op(x) for w, op in zip(weights, self._ops))
+        part = x.shape[1] // self._k
+        mixed = sum(w * op(x[:, :part]) for w, op in zip(weights, self._ops))
+        bypass = x[:, part:]
+        if mixed.shape[2] != x.shape[2]:
+            bypass = self.mp(bypass)
+        return channel_shuffle(torch.cat([mixed, bypass], dim=1), self._k)
+
+    def forward_gdas(self, x, hardwts, index: int):
+        """GDAS' (Dong & Yang, 2019) edge with hard straight-through weights: only the sampled candidate
+        runs; the others add their weight (0 in value) so that their gradient still flows."""
+        return sum(hardwts[k] * op(x) if k == index else hardwts[k] for k, op in enumerate(self._ops))
