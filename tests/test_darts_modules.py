@@ -259,3 +259,180 @@ def test_search_steps_give_the_same_genotype_as_eager_darts():
     for name in ("alphas_normal", "alphas_reduce"):
         assert scaled_error(getattr(fast, name), getattr(eager64, name)) < 0.05, name
     assert fast.genotype() == eager.genotype() == eager64.genotype()
+
+
+# --- weighting modes ---------------------------------------------------------------------------------------
+
+def test_edge_weights_modes():
+    from accel.nn.darts import edge_weights
+
+    alpha = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w, index = edge_weights(alpha, "softmax", tau=0.5)
+    torch.testing.assert_close(w, torch.softmax(alpha / 0.5, -1))
+    assert index is None
+    w, _ = edge_weights(alpha, "max_w")
+    soft = torch.softmax(alpha, -1)
+    torch.testing.assert_close(w.max(-1).values, torch.ones(5, dtype=torch.float64))  # the strongest weighs 1
+    torch.testing.assert_close(w - w.max(-1, keepdim=True).values, soft - soft.max(-1, keepdim=True).values)
+    # the max is detached: the gradient is the softmax's own
+    torch.testing.assert_close(torch.autograd.grad(w[:, 2].sum(), alpha)[0],
+                               torch.autograd.grad(soft[:, 2].sum(), alpha)[0])
+
+    torch.manual_seed(3)
+    soft_g, _ = edge_weights(alpha, "gumbel", tau=0.7)
+    torch.manual_seed(3)
+    hard, index = edge_weights(alpha, "gumbel_hard", tau=0.7)
+    torch.testing.assert_close(soft_g.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert torch.equal(index, soft_g.argmax(-1))  # the same draw: hard is the soft sample's argmax
+    torch.testing.assert_close(hard.detach(), F.one_hot(index, 8).double())
+    # straight-through: the hard weights' gradient is the soft sample's
+    g = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((hard * g).sum(), alpha)[0],
+                               torch.autograd.grad((soft_g * g).sum(), alpha)[0])
+    # gumbel samples follow softmax(alpha): frequencies over many draws
+    counts = torch.zeros(8, dtype=torch.float64)
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 0.1, -0.3, 1.0, 0.0], dtype=torch.float64)
+    for _ in range(4000):
+        counts[edge_weights(logits[None], "gumbel_hard")[1]] += 1
+    torch.testing.assert_close(counts / 4000, torch.softmax(logits, 0), atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        edge_weights(alpha, "sparsemax")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gdas_sampled_edge_matches_eager_and_runs_one_op(stride):
+    fast, eager = twins(4, stride)
+    x = torch.randn(2, 4, 8, 8)
+    for index in (1, 3, 4):
+        probs = torch.softmax(torch.randn(8), 0)
+        hard = F.one_hot(torch.tensor(index), 8).float() - probs + probs  # straight-through, as GDAS
+        ran = []
+        handles = [op.register_forward_pre_hook(lambda m, a, k=k: ran.append(k)) for k, op in enumerate(fast._ops)]
+        results = []
+        for module in (fast, eager):
+            xa, wa = x.clone().requires_grad_(), hard.clone().requires_grad_()
+            out = module(xa, wa, index)
+            out.backward(torch.ones_like(out))
+            results.append((out, xa.grad, wa.grad))
+        for h in handles:
+            h.remove()
+        assert ran == [index]
+        for f, e in zip(*results):
+            torch.testing.assert_close(f, e, **TOL)
+        # every weight gets a gradient: <g, y_index> for the sampled op, sum(g) for the others
+        assert torch.all(results[0][2] != 0)
+
+
+# --- PC-DARTS ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channel_edge_matches_eager_pc_darts(stride, train):
+    fast = accel.nn.MixedOp(8, stride, partial_channels=4)
+    randomize_bn_stats(fast)
+    eager = reference.MixedOp(8, stride, partial_channels=4)
+    eager.load_state_dict(fast.state_dict(), strict=True)
+    assert list(fast.state_dict()) == list(eager.state_dict())
+    fast.train(train)
+    eager.train(train)
+    assert_edges_match(fast, eager, torch.randn(3, 8, 8, 8), torch.softmax(torch.randn(8), 0))
+
+
+def test_partial_channel_output_is_pc_darts_channel_shuffle():
+    from accel.reference.darts import channel_shuffle
+
+    op = accel.nn.MixedOp(6, 1, ["skip_connect"], partial_channels=3)
+    x = torch.randn(2, 6, 4, 4)
+    out = op(x, torch.tensor([2.0]))
+    want = channel_shuffle(torch.cat([2.0 * x[:, :2], x[:, 2:]], 1), 3)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(out[:, 0::3], 2.0 * x[:, :2])  # output channel 3j is mixed channel j
+    with pytest.raises(ValueError, match="partial_channels"):
+        accel.nn.MixedOp(6, 1, partial_channels=4)
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "max_w", "gumbel", "gumbel_hard"])
+def test_network_variants_match_their_eager_twin(weighting):
+    kwargs = dict(weighting=weighting, partial_channels=2 if weighting != "gumbel_hard" else 1,
+                  edge_normalization=weighting != "gumbel_hard", tau=0.8)
+    fast, eager = network_twins(**kwargs)
+    with torch.no_grad():
+        for name in ("betas_normal", "betas_reduce"):
+            if hasattr(fast, name):
+                getattr(fast, name).copy_(torch.randn(14))
+                getattr(eager, name).copy_(getattr(fast, name))
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    grads = []
+    for net in (fast, eager):
+        torch.manual_seed(7)  # the same gumbel draws in both
+        F.cross_entropy(net(x), target).backward()
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-4, msg=name)
+    assert fast.genotype() == eager.genotype()
+    assert len(fast.arch_parameters()) == (4 if kwargs["edge_normalization"] else 2)
+
+
+def test_edge_normalization_genotype_follows_pc_darts():
+    net = Network(C=4, num_classes=5, layers=3, edge_normalization=True)
+    with torch.no_grad():
+        net.alphas_normal.zero_()
+        net.alphas_normal[0, 4] = net.alphas_normal[1, 5] = 1.0  # node 0: two good edges...
+        net.betas_normal.zero_()
+        net.betas_normal[2] = 5.0  # node 1: uniform ops, but edge 0 (row 2) is weighted up by beta
+    genotype = net.genotype()
+    assert genotype.normal[:2] == [("sep_conv_3x3", 0), ("sep_conv_5x5", 1)]
+    assert genotype.normal[2] == ("max_pool_3x3", 0)
+
+
+# --- DARTS-PT ----------------------------------------------------------------------------------------------
+
+def test_perturbation_selection_keeps_the_ops_whose_removal_hurts_most():
+    net = Network(C=4, num_classes=5, layers=3)
+    preference = torch.rand(2, 14, 8)
+
+    def loss_fn(network):
+        # A loss that falls with each op's weight times its preference: masking (edge, op) raises it by
+        # preference * weight, so the expected choice is known in closed form.
+        return -sum((network.cell_weights(r)[0] * preference[int(r)]).sum() for r in (False, True))
+
+    genotype = net.perturbation_genotype(loss_fn)
+    none = reference.PRIMITIVES.index("none")
+    for r, gene in ((0, genotype.normal), (1, genotype.reduce)):
+        w = torch.softmax((net.alphas_reduce if r else net.alphas_normal).detach(), -1) * preference[r]
+        w[:, none] = -1
+        best_op = w.argmax(-1)
+        assert torch.equal(net.fixed_ops[r], best_op)
+        expected, start = [], 0
+        for i in range(4):
+            strength = preference[r, start + torch.arange(2 + i), best_op[start:start + 2 + i]]
+            for j in strength.argsort(descending=True)[:2].tolist():
+                expected.append((reference.PRIMITIVES[best_op[start + j]], j))
+            start += 2 + i
+        assert gene == expected
+    x = torch.randn(2, 3, 8, 8)
+    fixed_out = net(x)
+    net.reset_perturbation()
+    assert not torch.allclose(net(x), fixed_out)
+    assert "fixed_ops" not in net.state_dict()
+
+
+# --- compile -----------------------------------------------------------------------------------------------
+
+def test_search_cell_under_torch_compile_fullgraph_matches_eager():
+    from accel.nn.darts import Cell
+
+    cell = Cell(4, 4, 8, 8, 4, reduction=True, reduction_prev=False)
+    twin = copy.deepcopy(cell)
+    s0, s1 = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
+    alpha = torch.randn(14, 8)
+    compiled = torch.compile(lambda a, b, al: cell(a, b, torch.softmax(al, -1)), fullgraph=True, backend="aot_eager")
+    results = []
+    for fn, module in ((compiled, cell), (lambda a, b, al: twin(a, b, torch.softmax(al, -1)), twin)):
+        al = alpha.clone().requires_grad_()
+        out = fn(s0, s1, al)
+        out.square().sum().backward()
+        results.append([out, al.grad, *[p.grad for p in module.parameters()], *module.buffers()])
+    for f, e in zip(*results):
+        torch.testing.assert_close(f, e, **TOL)

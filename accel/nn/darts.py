@@ -1,4 +1,6 @@
-"""DARTS' search cell and network (Liu et al., 2019; quark0/darts cnn/model_search.py) on accel.nn.MixedOp.
+"""DARTS' search cell and network (Liu et al., 2019; quark0/darts cnn/model_search.py) on accel.nn.MixedOp,
+with the variants people search with: PC-DARTS' partial channels and edge normalisation, GDAS' gumbel
+sampling, sharpDARTS' max-w weighting and DARTS-PT's perturbation-based selection.
 
 The structure, module names and genotype rule are DARTS'. One deliberate difference: the architecture
 parameters ``alphas_normal`` and ``alphas_reduce`` are real nn.Parameters of the network, so that
@@ -17,12 +19,51 @@ from accel.reference.darts import PRIMITIVES, FactorizedReduce, ReLUConvBN
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
+WEIGHTINGS = ("softmax", "gumbel", "gumbel_hard", "max_w")
+
+
+def edge_weights(alpha: torch.Tensor, weighting: str = "softmax", tau: float = 1.0):
+    """The mixing weights of each edge (row of ``alpha``) under a weighting mode, with no host sync.
+
+    - ``softmax``: DARTS' ``softmax(alpha / tau)``.
+    - ``gumbel``: the soft gumbel-softmax ``softmax((log_softmax(alpha) + g) / tau)``, g ~ Gumbel(0, 1).
+    - ``gumbel_hard``: GDAS: the one-hot of the gumbel-softmax's argmax, with the soft weights' gradient
+      (straight-through: ``one_hot - p.detach() + p``).
+    - ``max_w``: sharpDARTS: ``1 - max(w).detach() + w`` with w the softmax, so the strongest op weighs 1.
+
+    Returns (weights, index): index is the sampled op per edge for ``gumbel_hard`` (a tensor), else None.
+    """
+    if weighting == "softmax":
+        return F.softmax(alpha / tau, dim=-1), None
+    if weighting == "max_w":
+        w = F.softmax(alpha / tau, dim=-1)
+        return 1 - w.max(dim=-1, keepdim=True).values.detach() + w, None
+    if weighting not in ("gumbel", "gumbel_hard"):
+        raise ValueError(f"unknown weighting {weighting!r}; known: {WEIGHTINGS}")
+    gumbels = -torch.empty_like(alpha).exponential_().log()
+    probs = F.softmax((F.log_softmax(alpha, dim=-1) + gumbels) / tau, dim=-1)
+    if weighting == "gumbel":
+        return probs, None
+    index = probs.argmax(dim=-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, index.unsqueeze(-1), 1.0)
+    return one_hot - probs.detach() + probs, index
+
+
+def node_edge_weights(beta: torch.Tensor, steps: int) -> torch.Tensor:
+    """PC-DARTS' edge normalisation: a softmax of ``beta`` over the incoming edges of each node."""
+    parts, start = [], 0
+    for i in range(steps):
+        parts.append(F.softmax(beta[start:start + 2 + i], dim=-1))
+        start += 2 + i
+    return torch.cat(parts)
+
+
 class Cell(nn.Module):
     """A search cell: two preprocessed inputs and ``steps`` intermediate nodes, each node the sum of the
     mixed ops on the edges from every earlier node. The output concatenates the last ``multiplier`` nodes."""
 
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
-                 reduction_prev: bool, mixed_op=MixedOp):
+                 reduction_prev: bool, mixed_op=MixedOp, partial_channels: int = 1):
         super().__init__()
         self.reduction = reduction
         # After a reduction cell, s0 is at twice s1's resolution and must be halved too.
@@ -38,32 +79,57 @@ class Cell(nn.Module):
             for j in range(2 + i):
                 # In a reduction cell only the edges leaving the two cell inputs reduce.
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(mixed_op(C, stride))
+                self._ops.append(mixed_op(C, stride, partial_channels=partial_channels))
 
-    def forward(self, s0, s1, weights):
-        """``weights``: (number of edges, number of primitives), one row per edge in construction order."""
+    def forward(self, s0, s1, weights, index=None, edge_scale=None):
+        """``weights``: (number of edges, number of primitives), one row per edge in construction order;
+        ``index``: GDAS' sampled op per edge (a list of ints), or None; ``edge_scale``: PC-DARTS' normalised
+        edge weights (one per edge), or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
-            s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            terms = []
+            for j, h in enumerate(states):
+                e = offset + j
+                out = self._ops[e](h, weights[e]) if index is None else self._ops[e](h, weights[e], index[e])
+                terms.append(out if edge_scale is None else edge_scale[e] * out)
             offset += len(states)
-            states.append(s)
+            states.append(sum(terms))
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
 class Network(nn.Module):
     """DARTS' search network: a conv stem, ``layers`` cells with reductions at layers//3 and 2*layers//3,
-    global average pooling and a linear classifier. ``mixed_op`` is the edge class (accel.nn.MixedOp, or
-    accel.reference.darts.MixedOp for DARTS' eager twin with the same parameters)."""
+    global average pooling and a linear classifier.
+
+    Args:
+        mixed_op: the edge class (accel.nn.MixedOp, or accel.reference.darts.MixedOp for the eager twin with
+            the same parameters).
+        weighting: how architecture logits become edge weights, see ``edge_weights`` (DARTS: 'softmax';
+            GDAS: 'gumbel_hard', where each edge runs only its sampled op; sharpDARTS: 'max_w').
+        tau: the softmax / gumbel-softmax temperature (an attribute: anneal it by assigning ``net.tau``).
+        partial_channels: PC-DARTS' K (1: DARTS).
+        edge_normalization: PC-DARTS' edge normalisation: architecture parameters ``betas_normal`` and
+            ``betas_reduce`` weigh each node's incoming edges by a softmax, and the genotype ranks edges by
+            op weight times edge weight.
+
+    With ``weighting='gumbel_hard'`` the sampled indices are read on the host once per forward (a host sync
+    on a GPU), so that each edge runs one op.
+    """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4,
-                 stem_multiplier: int = 3, mixed_op=MixedOp):
+                 stem_multiplier: int = 3, mixed_op=MixedOp, *, weighting: str = "softmax", tau: float = 1.0,
+                 partial_channels: int = 1, edge_normalization: bool = False):
         super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"Network: unknown `weighting` {weighting!r}; known: {WEIGHTINGS}")
         self._C = C
         self._num_classes = num_classes
         self._layers = layers
         self._steps = steps
         self._multiplier = multiplier
+        self.weighting = weighting
+        self.tau = tau
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
@@ -78,7 +144,7 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
-                                   mixed_op))
+                                   mixed_op, partial_channels))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -88,18 +154,40 @@ class Network(nn.Module):
         # DARTS' initialisation: small random logits, so the mixture starts near uniform.
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
+        if edge_normalization:
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(num_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges))
+        # DARTS-PT's state: edges fixed to one op (-1: not fixed) and (edge, op) pairs masked out. Not saved:
+        # they belong to a selection in progress, not to the network.
+        self.register_buffer("fixed_ops", torch.full((2, num_edges), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("op_mask", torch.ones(2, num_edges, len(PRIMITIVES)), persistent=False)
+        self._perturbed = False
 
     def forward(self, input):
         s0 = s1 = self.stem(input)
-        weights_normal = F.softmax(self.alphas_normal, dim=-1)
-        weights_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        weights = [self.cell_weights(reduction) for reduction in (False, True)]
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+            s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
+    def cell_weights(self, reduction: bool):
+        """(weights, index, edge_scale) for the normal or reduction cells, as Cell.forward takes them."""
+        alpha = self.alphas_reduce if reduction else self.alphas_normal
+        weights, index = edge_weights(alpha, self.weighting, self.tau)
+        if self._perturbed:
+            fixed = self.fixed_ops[int(reduction)]
+            one_hot = F.one_hot(fixed.clamp(min=0), alpha.shape[1]).to(weights.dtype)
+            weights = torch.where((fixed >= 0).unsqueeze(1), one_hot, weights) * self.op_mask[int(reduction)]
+        if index is not None:
+            index = index.tolist()
+        beta = getattr(self, "betas_reduce" if reduction else "betas_normal", None)
+        edge_scale = None if beta is None else node_edge_weights(beta, self._steps)
+        return weights, index, edge_scale
+
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alphas_normal, self.alphas_reduce]
+        betas = [self.betas_normal, self.betas_reduce] if hasattr(self, "betas_normal") else []
+        return [self.alphas_normal, self.alphas_reduce, *betas]
 
     def weights_parameters(self) -> list[nn.Parameter]:
         """Every parameter except the architecture's: what DARTS' weight optimiser steps."""
@@ -108,14 +196,18 @@ class Network(nn.Module):
 
     def genotype(self) -> Genotype:
         """The discrete cell: per node, the 2 strongest incoming edges, each with its strongest operation
-        other than 'none' (an edge's strength is its largest non-'none' weight), as DARTS' ``_parse``."""
+        other than 'none' (an edge's strength is its largest non-'none' weight, times its normalised edge
+        weight with edge normalisation), as DARTS' and PC-DARTS' ``_parse``."""
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(
-            normal=self._parse(F.softmax(self.alphas_normal.detach(), dim=-1).tolist()),
-            normal_concat=concat,
-            reduce=self._parse(F.softmax(self.alphas_reduce.detach(), dim=-1).tolist()),
-            reduce_concat=concat,
-        )
+        genes = []
+        for reduction in (False, True):
+            alpha = self.alphas_reduce if reduction else self.alphas_normal
+            W = F.softmax(alpha.detach(), dim=-1)
+            beta = getattr(self, "betas_reduce" if reduction else "betas_normal", None)
+            if beta is not None:
+                W = W * node_edge_weights(beta.detach(), self._steps).unsqueeze(1)
+            genes.append(self._parse(W.tolist()))
+        return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=concat)
 
     def _parse(self, weights: list[list[float]]) -> list[tuple[str, int]]:
         none = PRIMITIVES.index("none")
@@ -131,3 +223,49 @@ class Network(nn.Module):
                 gene.append((PRIMITIVES[k_best], j))
             start += 2 + i
         return gene
+
+    @torch.no_grad()
+    def perturbation_genotype(self, loss_fn) -> Genotype:
+        """DARTS-PT's selection (Wang et al., 2021, "Rethinking Architecture Selection in Differentiable NAS"):
+        an operation's strength is how much the loss grows when it alone is masked out of the supernet.
+
+        Edge by edge (normal cells, then reduction cells), each non-'none' op is masked in turn and
+        ``loss_fn(self)`` (e.g. the validation loss on a fixed batch) evaluated; the op whose removal raises
+        the loss most is kept and the edge fixed to it. Then, node by node, each incoming edge is masked in
+        turn and the 2 whose removal raises the loss most are kept. DARTS-PT fine-tunes the supernet between
+        decisions; call this on the tuned network, or drive ``fixed_ops`` / ``op_mask`` yourself to do so.
+        The network is left with its edges fixed; ``reset_perturbation()`` undoes that.
+        """
+        none = PRIMITIVES.index("none")
+        self._perturbed = True
+        for cell_type in (0, 1):
+            for e in range(self.fixed_ops.shape[1]):
+                losses = {}
+                for k in range(len(PRIMITIVES)):
+                    if k == none:
+                        continue
+                    self.op_mask[cell_type, e, k] = 0
+                    losses[k] = float(loss_fn(self))
+                    self.op_mask[cell_type, e, k] = 1
+                self.fixed_ops[cell_type, e] = max(losses, key=losses.get)
+        genes = []
+        for cell_type in (0, 1):
+            gene, start = [], 0
+            for i in range(self._steps):
+                losses = {}
+                for j in range(2 + i):
+                    self.op_mask[cell_type, start + j] = 0
+                    losses[j] = float(loss_fn(self))
+                    self.op_mask[cell_type, start + j] = 1
+                for j in sorted(losses, key=lambda j: -losses[j])[:2]:
+                    gene.append((PRIMITIVES[int(self.fixed_ops[cell_type, start + j])], j))
+                start += 2 + i
+            genes.append(gene)
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=concat)
+
+    def reset_perturbation(self) -> None:
+        """Back to the plain supernet: no edge fixed, nothing masked."""
+        self.fixed_ops.fill_(-1)
+        self.op_mask.fill_(1)
+        self._perturbed = False

@@ -166,17 +166,19 @@ class MixedOp(nn.Module):
             self.mp = nn.MaxPool2d(2, 2)
         self._ops = search_ops(C // partial_channels, stride, primitives)
 
-    def forward(self, x, weights):
+    def forward(self, x, weights, index=None):
+        """``index``: GDAS' (Dong & Yang, 2019) hard sampling, with ``weights`` straight-through one-hot:
+        only the sampled candidate runs; the others add their weight (0 in value) so that their gradient
+        still flows."""
+        if index is None:
+            terms = (w * op(x[:, :x.shape[1] // self._k]) for w, op in zip(weights, self._ops))
+        else:
+            terms = (w * op(x[:, :x.shape[1] // self._k]) if k == index else w
+                     for k, (w, op) in enumerate(zip(weights, self._ops)))
+        mixed = sum(terms)
         if self._k == 1:
-            return sum(w * op(x) for w, op in zip(weights, self._ops))
-        part = x.shape[1] // self._k
-        mixed = sum(w * op(x[:, :part]) for w, op in zip(weights, self._ops))
-        bypass = x[:, part:]
+            return mixed
+        bypass = x[:, x.shape[1] // self._k:]
         if mixed.shape[2] != x.shape[2]:
             bypass = self.mp(bypass)
         return channel_shuffle(torch.cat([mixed, bypass], dim=1), self._k)
-
-    def forward_gdas(self, x, hardwts, index: int):
-        """GDAS' (Dong & Yang, 2019) edge with hard straight-through weights: only the sampled candidate
-        runs; the others add their weight (0 in value) so that their gradient still flows."""
-        return sum(hardwts[k] * op(x) if k == index else hardwts[k] for k, op in enumerate(self._ops))
