@@ -18,13 +18,8 @@ given, with the semantics of the C++ CPU kernel (csrc/cpu/mixed_op.cpp):
   argument)`` (it calls int() on a 1-element array).
 
 Passing K tensors: a Triton kernel cannot take a list, so the kernels get ys[0] as a base pointer and
-an int64 device tensor of element offsets, branch k living at ``base + offset[k]``. This relies on one
-flat address space per device (true of CUDA, and of host memory under TRITON_INTERPRET=1 with CPU
-tensors), as Triton's grouped-GEMM tutorial relies on it with its table of pointers; Triton lowers
-pointer arithmetic to plain (not inbounds) GEPs, so stepping out of ys[0]'s allocation is well defined.
-The offsets are stored in units of VEC elements, VEC = 16 bytes / element size when every offset
-allows it, so that Triton still knows each branch pointer is 16-byte aligned and emits 128-bit loads.
-No y is copied, except one not in the kernel layout (below).
+an int64 tensor of offsets (kernels/tensor_lists.py). No y is copied, except one not in the kernel
+layout (below).
 
 Layout: all operands are walked as flat arrays in the layout ``torch.empty_like(ys[0])`` gets (ys[0]'s
 own when it is dense, NCHW and channels-last alike), the rule of accel.ops.mixed_op.kernel_strides and
@@ -37,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from accel.kernels.tensor_lists import addresses, in_layout
 
 # Elements per program: 2048 elements over 8 warps is 8 per thread, two 128-bit loads per branch for
 # float32, enough bytes in flight per SM to saturate H100 bandwidth; 1M elements make 512 programs.
@@ -184,12 +181,12 @@ def forward(ys: list[torch.Tensor], weights: torch.Tensor, tau: float | None) ->
     """out = sum_k w_k * ys[k] in the layout of torch.empty_like(ys[0])."""
     _check(ys, weights, tau)
     strides = _kernel_strides(ys[0])
-    ys = [_in_layout(y, strides) for y in ys]
+    ys = [in_layout(y, strides) for y in ys]
     out = ys[0].new_empty_strided(ys[0].shape, strides)
     numel = out.numel()
     if numel == 0:
         return out
-    y_base, branch_offsets, vec = _branch_addresses(ys)
+    y_base, branch_offsets, vec = addresses(ys, _INTERPRETED)
     _mixed_op_forward_kernel[(triton.cdiv(numel, BLOCK),)](
         y_base, branch_offsets, weights, weights.stride(0), out, numel, **_tau_args(tau), K=len(ys),
         VEC=vec, ACC_DTYPE=_acc_dtype(out.dtype), BLOCK=BLOCK, BLOCK_K=_block_k(len(ys)),
@@ -210,15 +207,15 @@ def backward(grad: torch.Tensor, ys: list[torch.Tensor], weights: torch.Tensor,
         )
     K = len(ys)
     strides = _kernel_strides(ys[0])
-    ys = [_in_layout(y, strides) for y in ys]
-    grad = _in_layout(grad, strides)
+    ys = [in_layout(y, strides) for y in ys]
+    grad = in_layout(grad, strides)
     numel = grad.numel()
     grad_ys = [grad.new_empty_strided(grad.shape, strides) for _ in range(K)]
     num_programs = triton.cdiv(numel, BLOCK)
     partial_dots = torch.empty((num_programs, K), dtype=torch.float64, device=grad.device)
     if numel > 0:
-        y_base, branch_offsets, vec = _branch_addresses(ys)
-        dy_base, dy_offsets, dy_vec = _branch_addresses(grad_ys)
+        y_base, branch_offsets, vec = addresses(ys, _INTERPRETED)
+        dy_base, dy_offsets, dy_vec = addresses(grad_ys, _INTERPRETED)
         _mixed_op_backward_kernel[(num_programs,)](
             grad, y_base, branch_offsets, weights, weights.stride(0), dy_base, dy_offsets, partial_dots, numel,
             **_tau_args(tau), K=K, VEC=vec, DY_VEC=dy_vec, ACC_DTYPE=_acc_dtype(grad.dtype), BLOCK=BLOCK,
@@ -271,39 +268,6 @@ def _check(ys, weights, tau) -> None:
 def _kernel_strides(y0: torch.Tensor) -> tuple[int, ...]:
     # The rule of accel.ops.mixed_op.kernel_strides, restated here: kernels/ imports nothing from accel.ops.
     return torch.empty_like(y0, device="meta").stride()
-
-
-def _in_layout(t: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
-    """t itself when it has ``strides`` (a dense layout: empty_like's) and is element-aligned, else a
-    copy in that layout."""
-    if t.stride() == strides and t.data_ptr() % t.element_size() == 0:
-        return t
-    return t.new_empty_strided(t.shape, strides).copy_(t)
-
-
-def _branch_addresses(ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(base, offsets, VEC): branch k lives at base + offsets[k] * VEC elements.
-
-    VEC is 16 bytes / element size when that divides every offset, else 1: then the kernels know that
-    every branch keeps ys[0]'s 16-byte alignment, and keep their vectorised loads.
-    """
-    if _INTERPRETED and ys[0].device.type != "cpu":
-        ys = list(_stacked(ys).unbind(0))
-    element_size = ys[0].element_size()
-    byte_offsets = [y.data_ptr() - ys[0].data_ptr() for y in ys]  # element multiples: see _in_layout
-    vec = 16 // element_size if all(b % 16 == 0 for b in byte_offsets) else 1
-    offsets = torch.tensor([b // (element_size * vec) for b in byte_offsets], dtype=torch.int64)
-    # non_blocking: a blocking host-to-device copy would synchronise the stream.
-    return ys[0], offsets.to(ys[0].device, non_blocking=True), vec
-
-
-def _stacked(ys: list[torch.Tensor]) -> torch.Tensor:
-    """The ys copied into one (K, *shape) tensor: one argument, so the interpreter copies them together."""
-    y0 = ys[0]
-    stacked = y0.new_empty_strided((len(ys), *y0.shape), (max(y0.numel(), 1), *y0.stride()))
-    for k, y in enumerate(ys):
-        stacked[k].copy_(y)
-    return stacked
 
 
 def _tau_args(tau: float | None) -> dict:

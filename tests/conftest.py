@@ -1,4 +1,8 @@
-"""Shared test helpers: the numerics rule as an assertion, poisoned outputs, seeded randomness."""
+"""Shared test helpers: the numerics rule as an assertion, poisoned outputs, seeded randomness, Triton
+kernels under the interpreter."""
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -35,3 +39,25 @@ def poisoned_outputs():
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+def interpreted_kernels(name: str):
+    """A private copy of accel.kernels.<name> whose kernels run under TRITON_INTERPRET=1 on CPU tensors.
+
+    Triton decides at @triton.jit time whether a kernel is interpreted, so the variable must be set while
+    the module is imported; it is restored afterwards, so that the rest of the session (the CUDA tests on a
+    GPU machine) still gets the compiled kernels from accel.kernels.<name>. Skips without Triton.
+    """
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        spec = importlib.util.find_spec(f"accel.kernels.{name}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before

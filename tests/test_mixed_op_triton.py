@@ -1,30 +1,13 @@
 """The Triton kernels of mixed_op (kernels/mixed_op.py), run on CPU tensors under TRITON_INTERPRET=1,
 against the float64 reference with autograd."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-# Triton decides at @triton.jit time whether a kernel is interpreted, so the variable must be set before
-# the kernels module is imported. It is imported here as a private copy and the variable restored, so
-# that the rest of the session (the CUDA tests on a GPU machine) still gets the compiled kernels from
-# accel.kernels.mixed_op; the fixture below sets it again while this module's tests run.
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    _spec = importlib.util.find_spec("accel.kernels.mixed_op")
-    kernels = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(kernels)
-finally:
-    if _INTERPRET_BEFORE is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+from accel.ops.mixed_op import kernel_strides
+from accel.reference import mixed_op as reference
+from conftest import interpreted_kernels
 
-from accel.ops.mixed_op import kernel_strides  # noqa: E402
-from accel.reference import mixed_op as reference  # noqa: E402
+kernels = interpreted_kernels("mixed_op")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 
@@ -118,13 +101,13 @@ def test_branches_that_are_views_of_one_buffer(reverse):
     ys = list(torch.randn(4, 7).unbind(0))
     if reverse:
         ys = ys[::-1]
-    _, _, vec = kernels._branch_addresses(ys)
+    _, _, vec = kernels.addresses(ys, True)
     assert vec == 1
     run_and_compare(ys, torch.randn(4), None, torch.randn(7))
 
 
 def test_separate_allocations_keep_16_byte_alignment():
-    _, offsets, vec = kernels._branch_addresses([torch.randn(100) for _ in range(3)])
+    _, offsets, vec = kernels.addresses([torch.randn(100) for _ in range(3)], True)
     assert vec == 4 and offsets[0] == 0
 
 

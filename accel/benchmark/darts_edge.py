@@ -22,7 +22,7 @@ def _setup(C: int, hw: int, stride: int):
     def setup(device: torch.device):
         torch.manual_seed(0)
         fast = MixedOp(C, stride).to(device).train()
-        eager = _sharing_tensors(reference.MixedOp(C, stride).train(), fast)
+        eager = sharing_tensors(reference.MixedOp(C, stride).train(), fast)
         x = torch.randn(BATCH, C, hw, hw, device=device, requires_grad=True)
         weights = torch.softmax(1e-3 * torch.randn(len(reference.PRIMITIVES), device=device), 0).requires_grad_()
         params = list(fast.parameters())
@@ -31,7 +31,7 @@ def _setup(C: int, hw: int, stride: int):
     return setup
 
 
-def _sharing_tensors(module, source):
+def sharing_tensors(module, source):
     """``module`` made to hold ``source``'s very Parameter and buffer tensors (the two have the same module
     tree), so both implementations train one set of weights and BN statistics while each keeps its own
     operations (nn.Conv2d in DARTS' edge, the fused kernels in accel's)."""
@@ -76,7 +76,9 @@ def _case(name: str, C: int, hw: int, stride: int) -> Case:
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
-    """The normal-cell edge and the deepest edge; none in --quick (compiling an edge takes tens of seconds)."""
+    """DARTS' edge sizes: C=16 at 32x32 (a normal edge, and a reducing one), C=32 at 16x16 and C=64 at 8x8
+    (after the first and second reduction); none in --quick (compiling an edge takes tens of seconds)."""
     if quick:
         return []
-    return [_case("normal_32x32", 16, 32, 1), _case("deep_8x8", 64, 8, 1)]
+    return [_case("normal_32x32", 16, 32, 1), _case("reduce_32x32", 16, 32, 2), _case("mid_16x16", 32, 16, 1),
+            _case("deep_8x8", 64, 8, 1)]

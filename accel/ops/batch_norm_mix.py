@@ -8,7 +8,7 @@ outputs before their last BatchNorm: eager PyTorch keeps both z_k and BN_k(z_k) 
 only the z_k and 2 x K x C statistics.
 
 Flow: batch_norm_mix (checks) -> torch.ops.accel.batch_norm_mix -> C++ kernel on the CPU
-(csrc/cpu/batch_norm_mix.cpp), the reference elsewhere. The backward is the op accel::batch_norm_mix_backward.
+(csrc/cpu/batch_norm_mix.cpp), Triton kernel on CUDA (kernels/batch_norm_mix.py). The backward is the op accel::batch_norm_mix_backward.
 """
 from collections.abc import Sequence
 
@@ -149,5 +149,17 @@ def _reference_backward(grad, zs, weights, stats, training, eps):
     return [g.contiguous() for g in grad_zs], grad_w
 
 
-register_backends("batch_norm_mix", _reference_forward)
-register_backends("batch_norm_mix_backward", _reference_backward)
+def _triton_forward(zs, weights, running, training, momentum, eps):
+    from accel.kernels import batch_norm_mix as kernel
+
+    return kernel.forward(zs, weights, running, training, momentum, eps)
+
+
+def _triton_backward(grad, zs, weights, stats, training, eps):
+    from accel.kernels import batch_norm_mix as kernel
+
+    return kernel.backward(grad, zs, weights, stats, training, eps)
+
+
+register_backends("batch_norm_mix", _reference_forward, _triton_forward)
+register_backends("batch_norm_mix_backward", _reference_backward, _triton_backward)

@@ -9,9 +9,10 @@ import sys
 import torch
 
 from accel.numerics import judge
-from accel.verify import darts_pool_branches, depthwise_conv2d, mixed_op
+from accel.verify import batch_norm_mix, darts_pool_branches, depthwise_conv2d, mixed_op
 
-OP_MODULES = {"mixed_op": mixed_op, "depthwise_conv2d": depthwise_conv2d, "darts_pool_branches": darts_pool_branches}
+OP_MODULES = {"mixed_op": mixed_op, "depthwise_conv2d": depthwise_conv2d, "darts_pool_branches": darts_pool_branches,
+              "batch_norm_mix": batch_norm_mix}
 
 
 @dataclass
