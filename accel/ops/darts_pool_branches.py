@@ -6,6 +6,10 @@ with DARTS' search-time modules: 3x3 pools at stride 1 and padding 1 (average wi
 each followed by BatchNorm2d(affine=False) with batch statistics in training (running statistics updated
 exactly as torch's BatchNorm2d does) and running statistics in eval. Only x and 2 x C statistics are kept
 for backward, instead of both pooled tensors, the max-pool indices and both BN outputs.
+
+Flow: darts_pool_branches (checks) -> torch.ops.accel.darts_pool_branches -> C++ kernel on the CPU
+(csrc/cpu/darts_pool_branches.cpp), Triton kernel on CUDA (kernels/darts_pool_branches.py). The backward is
+the op accel::darts_pool_branches_backward.
 """
 import torch
 from torch import Tensor
@@ -115,5 +119,17 @@ def _reference_backward(grad, x, weights, stats, training, eps):
         return tuple(t.contiguous() for t in torch.autograd.grad(out, [x_, w_], grad))
 
 
-register_backends("darts_pool_branches", _reference_forward)
-register_backends("darts_pool_branches_backward", _reference_backward)
+def _triton_forward(x, weights, running, training, momentum, eps):
+    from accel.kernels import darts_pool_branches as kernel
+
+    return kernel.forward(x, weights, running, training, momentum, eps)
+
+
+def _triton_backward(grad, x, weights, stats, training, eps):
+    from accel.kernels import darts_pool_branches as kernel
+
+    return kernel.backward(grad, x, weights, stats, training, eps)
+
+
+register_backends("darts_pool_branches", _reference_forward, _triton_forward)
+register_backends("darts_pool_branches_backward", _reference_backward, _triton_backward)
