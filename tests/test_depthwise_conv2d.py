@@ -10,8 +10,8 @@ from accel.ops import depthwise_conv2d
 from accel.reference import depthwise_conv2d as reference
 from conftest import assert_by_rule
 
-# (N, C, H, W, kernel, stride, padding, dilation): DARTS' sep/dil convs, odd sizes, asymmetric kernels and
-# paddings, no padding, stride 2 (which the op hands to ATen).
+# (N, C, H, W, kernel, stride, padding, dilation): DARTS' sep/dil convs at stride 1 and 2 (reduction edges),
+# odd sizes whose last rows no stride-2 window reaches, asymmetric kernels, strides and paddings, no padding.
 GEOMETRIES = [
     (2, 3, 8, 8, 3, 1, 1, 1),
     (3, 5, 9, 7, 5, 1, 2, 1),
@@ -20,6 +20,10 @@ GEOMETRIES = [
     (2, 3, 7, 9, (3, 5), 1, (0, 2), 1),
     (1, 1, 1, 1, 1, 1, 0, 1),
     (2, 3, 9, 9, 3, 2, 1, 1),
+    (2, 3, 8, 8, 5, 2, 2, 1),
+    (2, 2, 10, 11, 3, 2, 2, 2),
+    (1, 2, 13, 12, 5, 2, 4, 2),
+    (2, 3, 9, 10, 3, (3, 2), (1, 0), 1),
     (1, 2, 12, 12, 9, 1, 4, 1),  # 81 taps: past the fused backward's limit, so ATen's
 ]
 

@@ -8,7 +8,7 @@ from accel.ops import depthwise_conv2d
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(C, C, kernel_size, stride, padding, dilation, groups=C, bias=False)`` with the same
     parameter and state_dict key (``weight``), computed by accel.ops.depthwise_conv2d where its fast backward
-    applies (stride 1, float32 and float64) and by nn.Conv2d otherwise."""
+    applies (float32 and float64, 4-D input) and by nn.Conv2d otherwise."""
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1):
         super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
@@ -28,7 +28,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.float64) or x.dim() != 4 or self.stride != (1, 1):
+        if x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
             return super().forward(x)
         return depthwise_conv2d(x, self.weight, self.stride, self.padding, self.dilation)
 

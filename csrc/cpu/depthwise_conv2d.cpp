@@ -7,7 +7,9 @@
 // bounds checks, kTile output columns held in registers across all kernel taps:
 //   grad input   gx  = g_padded (*) flip(w)           (the transposed convolution at stride 1)
 //   grad weight  gw[a,b] = <g, x_padded shifted by (a*d, b*d)>
-// Other strides and paddings go to ATen's backward too (the few stride-2 convs of a reduction edge).
+// At stride s > 1 (the first conv of a reduction edge's sep and dil convs) the plane's gradient is first
+// spread onto the stride-1 grid, zeros between its rows and columns: both gradients are then the stride-1
+// ones of that grid. Paddings past the dilated kernel's reach go to ATen's backward.
 // The backward reads g and x once per plane and makes both gradients in that pass; the weight gradient's
 // per-plane partial sums are added over the batch in a fixed order, so it is bitwise reproducible.
 #include <ATen/ATen.h>
@@ -66,11 +68,10 @@ inline void correlate(const A* in, int64_t cols_p, const A* w, int64_t KH, int64
 
 constexpr int64_t kMaxTaps = 64;  // kernel taps the stride-1 backward keeps on the stack (8x8)
 
-// The stride-1 path needs the padding within the dilated kernel's reach (always so in DARTS) and at most
+// The fused path needs the padding within the dilated kernel's reach (always so in DARTS) and at most
 // kMaxTaps taps; anything else takes ATen's backward.
 bool fast_path(const Geometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.ph <= (g.KH - 1) * g.dh && g.pw <= (g.KW - 1) * g.dw &&
-         g.KH * g.KW <= kMaxTaps;
+  return g.ph <= (g.KH - 1) * g.dh && g.pw <= (g.KW - 1) * g.dw && g.KH * g.KW <= kMaxTaps;
 }
 
 template <typename T>
@@ -112,6 +113,20 @@ ACCEL_CPU_CLONES void backward_plane_s1(const Geometry& g, const T* grad, const 
       gw[t] = s;
     }
   }
+}
+
+// The backward of one plane at any stride: at stride > 1, g spread onto the stride-1 grid ((OH - 1) sh + 1
+// rows, zeros between) has the same gradients as a stride-1 convolution's output gradient.
+template <typename T>
+void backward_plane(const Geometry& g, const T* grad, const T* x, const T* w, T* gx, double* gw) {
+  if (g.sh == 1 && g.sw == 1) return backward_plane_s1(g, grad, x, w, gx, gw);
+  Geometry g1 = g;
+  g1.OH = (g.OH - 1) * g.sh + 1, g1.OW = (g.OW - 1) * g.sw + 1, g1.sh = g1.sw = 1;
+  thread_local std::vector<T> spread;
+  spread.assign(g1.OH * g1.OW, T(0));
+  for (int64_t i = 0; i < g.OH; ++i)
+    for (int64_t j = 0; j < g.OW; ++j) spread[i * g.sh * g1.OW + j * g.sw] = grad[i * g.OW + j];
+  backward_plane_s1(g1, spread.data(), x, w, gx, gw);
 }
 
 Geometry geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -177,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
     scalar_t* gxp = want_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
-        backward_plane_s1<scalar_t>(g, gp + p * g.OH * g.OW, xp + p * g.H * g.W, wp + (p % g.C) * taps,
+        backward_plane<scalar_t>(g, gp + p * g.OH * g.OW, xp + p * g.H * g.W, wp + (p % g.C) * taps,
                                     gxp ? gxp + p * g.H * g.W : nullptr, want_gw ? partial.data() + p * taps : nullptr);
     });
     if (want_gw) {
