@@ -1,22 +1,30 @@
 // The LSSL Krylov kernel K[h, m, l] = (C_h dA_h^l dB_h)[m], l < L, without the (H, N, L) Krylov tensor.
 //
 // Per feature h, with a block of c = 2^s steps and J = ceil(L / c) blocks:
-//   P = dA^c by s squarings                         s N^3
-//   W_i = C dA^i, i < c   (W_{i+1} = W_i dA)        c M N^2
-//   v_j = P^j dB, j < J   (v_{j+1} = P v_j)         J N^2
-//   K[m, j c + i] = W_i[m] . v_j                    L M N
-// so the cost is O(s N^3 + c M N^2 + J N^2 + L M N) and the memory O(s N^2 + c M N + J N) per feature, all of
-// it in one thread's cache; c is picked per call to minimise that cost. Features run in parallel.
+//   P = dA^c by s squarings                         s N^3      batched GEMMs over the features (ATen)
+//   W_i = C dA^i, i < c   (W_{i+1} = W_i dA)        c M N^2    a sequential chain (chain() below)
+//   v_j = P^j dB, j < J   (v_{j+1} = P v_j)         J N^2      a sequential chain
+//   K[m, j c + i] = W_i[m] . v_j                    L M N      one batched GEMM
+// so the cost is O(s N^3 + c M N^2 + J N^2 + L M N) and the memory O(s N^2 + c M N + J N) per feature; c is
+// picked per call to minimise that cost. The chains run one feature per task with its matrix in L1/L2.
 //
-// The backward recomputes P's squarings, W and v, and runs the three recurrences backwards with their
-// hand-derived adjoints (see backward_feature): no autograd through a loop.
+// The backward recomputes the squarings, W and v, and runs the three recurrences backwards with their
+// hand-derived adjoints (see backward_cpu): no autograd through a loop.
+//
+// Everything is computed in float64, whatever the inputs' dtype: P = dA^c by squaring and its adjoint
+// multiply rounding errors by the powers' growth, which float32 would carry into K and the gradients at
+// several times the error of L plain float32 mat-vecs (tried: float32 GEMMs fail the numerics rule on dA's
+// gradient at L = 1000).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/simd.h"
 
@@ -39,142 +47,95 @@ Plan make_plan(int64_t H, int64_t N, int64_t M, int64_t L) {
   return best;
 }
 
-// out (n x m) (+)= a (n x k) b (k x m), row-major, in axpy order so the inner loop vectorises; out must not
-// alias a or b.
-template <typename T>
-ACCEL_CPU_CLONES void matmul(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n, int64_t k,
-                             int64_t m, bool accumulate = false) {
-  if (!accumulate) std::fill(out, out + n * m, T(0));
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t p = 0; p < k; ++p) {
-      const T aip = a[i * k + p];
-      const T* __restrict brow = b + p * m;
-      T* __restrict orow = out + i * m;
-      for (int64_t j = 0; j < m; ++j) orow[j] += aip * brow[j];
+constexpr int64_t kCols = 16;  // output columns a chain step keeps in registers
+
+// out (R x N) = x (R x N) mat (N x N) [+ add]: one step of a chain. Portable form.
+void step_portable(const double* __restrict x, const double* __restrict mat, const double* __restrict add, int64_t R,
+                   int64_t N, double* __restrict out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < N; ++j) {
+      double acc = add ? add[r * N + j] : 0.0;
+      for (int64_t p = 0; p < N; ++p) acc += x[r * N + p] * mat[p * N + j];
+      out[r * N + j] = acc;
     }
 }
 
-// out (n x m) += a^T b with a (k x n), b (k x m).
-template <typename T>
-ACCEL_CPU_CLONES void add_matmul_tn(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n,
-                                    int64_t k, int64_t m) {
-  for (int64_t p = 0; p < k; ++p)
-    for (int64_t i = 0; i < n; ++i) {
-      const T api = a[p * n + i];
-      const T* __restrict brow = b + p * m;
-      T* __restrict orow = out + i * m;
-      for (int64_t j = 0; j < m; ++j) orow[j] += api * brow[j];
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same with AVX2 + FMA: kCols output columns in four registers across the whole sum, so each element of
+// mat is loaded once and nothing is stored until the column block is done. Written with intrinsics: GCC's
+// auto-vectorised clones of this loop (target_clones) come out about 4x slower.
+__attribute__((target("avx2,fma"))) void step_avx2(const double* __restrict x, const double* __restrict mat,
+                                                    const double* __restrict add, int64_t R, int64_t N,
+                                                    double* __restrict out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const double* xr = x + r * N;
+    int64_t j0 = 0;
+    for (; j0 + kCols <= N; j0 += kCols) {
+      __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t p = 0; p < N; ++p) {
+        const __m256d xp = _mm256_broadcast_sd(xr + p);
+        const double* row = mat + p * N + j0;
+        a0 = _mm256_fmadd_pd(xp, _mm256_loadu_pd(row), a0);
+        a1 = _mm256_fmadd_pd(xp, _mm256_loadu_pd(row + 4), a1);
+        a2 = _mm256_fmadd_pd(xp, _mm256_loadu_pd(row + 8), a2);
+        a3 = _mm256_fmadd_pd(xp, _mm256_loadu_pd(row + 12), a3);
+      }
+      if (add) {
+        const double* ad = add + r * N + j0;
+        a0 = _mm256_add_pd(a0, _mm256_loadu_pd(ad));
+        a1 = _mm256_add_pd(a1, _mm256_loadu_pd(ad + 4));
+        a2 = _mm256_add_pd(a2, _mm256_loadu_pd(ad + 8));
+        a3 = _mm256_add_pd(a3, _mm256_loadu_pd(ad + 12));
+      }
+      double* o = out + r * N + j0;
+      _mm256_storeu_pd(o, a0);
+      _mm256_storeu_pd(o + 4, a1);
+      _mm256_storeu_pd(o + 8, a2);
+      _mm256_storeu_pd(o + 12, a3);
     }
+    for (int64_t j = j0; j < N; ++j) {
+      double acc = add ? add[r * N + j] : 0.0;
+      for (int64_t p = 0; p < N; ++p) acc += xr[p] * mat[p * N + j];
+      out[r * N + j] = acc;
+    }
+  }
+}
+#endif
+
+void step(const double* x, const double* mat, const double* add, int64_t R, int64_t N, double* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return step_avx2(x, mat, add, R, N, out);
+#endif
+  step_portable(x, mat, add, R, N, out);
 }
 
-// dst (m x n) = src (n x m)^T
-template <typename T>
-void transpose(const T* src, T* dst, int64_t n, int64_t m) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j) dst[j * n + i] = src[i * m + j];
+// The row-vector recurrence out[:, 0] = x0, out[:, t] = out[:, t - 1] mat + adds[:, t] for t < T, per feature:
+// x0 (H, R, N), mat (H, N, N), adds (H, T, R, N) or undefined; returns (H, T, R, N), float64.
+at::Tensor chain(const at::Tensor& x0_in, const at::Tensor& mat_in, const at::Tensor& adds_in, int64_t T) {
+  const auto x0 = x0_in.contiguous(), mat = mat_in.contiguous();
+  const auto adds = adds_in.defined() ? adds_in.contiguous() : adds_in;
+  const int64_t H = x0.size(0), R = x0.size(1), N = x0.size(2), RN = R * N;
+  auto out = at::empty({H, T, R, N}, x0.options());
+  const double *xp = x0.const_data_ptr<double>(), *mp = mat.const_data_ptr<double>();
+  const double* ap = adds.defined() ? adds.const_data_ptr<double>() : nullptr;
+  double* op = out.mutable_data_ptr<double>();
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      double* o = op + h * T * RN;
+      std::copy(xp + h * RN, xp + (h + 1) * RN, o);
+      for (int64_t t = 1; t < T; ++t)
+        step(o + (t - 1) * RN, mp + h * N * N, ap ? ap + (h * T + t) * RN : nullptr, R, N, o + t * RN);
+    }
+  });
+  return out;
 }
 
-// The forward quantities of one feature: squarings S_0 = dA .. S_s = P, W (c, M, N) and V (J, N).
-template <typename T>
-struct Feature {
-  std::vector<T> S, W, V, PT;
-  void compute(const Plan& p, const T* dA, const T* dB, const T* C) {
-    const int64_t N = p.N, NN = N * N, MN = p.M * N;
-    S.resize((p.s + 1) * NN);
-    std::copy(dA, dA + NN, S.data());
-    for (int64_t k = 0; k < p.s; ++k) matmul(S.data() + k * NN, S.data() + k * NN, S.data() + (k + 1) * NN, N, N, N);
-    W.resize(p.c * MN);
-    std::copy(C, C + MN, W.data());
-    for (int64_t i = 1; i < p.c; ++i) matmul(W.data() + (i - 1) * MN, dA, W.data() + i * MN, p.M, N, N);
-    // v_j = P v_{j-1}, taken as the row vector v_{j-1}^T P^T so that the inner loop runs along a row.
-    PT.resize(NN);
-    transpose(S.data() + p.s * NN, PT.data(), N, N);
-    V.resize(p.J * N);
-    std::copy(dB, dB + N, V.data());
-    for (int64_t j = 1; j < p.J; ++j) matmul(V.data() + (j - 1) * N, PT.data(), V.data() + j * N, 1, N, N);
-  }
-};
-
-template <typename T>
-void forward_feature(const Plan& p, const T* dA, const T* dB, const T* C, Feature<T>& f, std::vector<T>& prod,
-                     T* K) {
-  f.compute(p, dA, dB, C);
-  // prod (c M x J) = W V^T, then K[m, j c + i] = prod[i M + m, j].
-  prod.resize(p.N * p.J + p.c * p.M * p.J);
-  T* VT = prod.data() + p.c * p.M * p.J;
-  transpose(f.V.data(), VT, p.J, p.N);
-  matmul(f.W.data(), VT, prod.data(), p.c * p.M, p.N, p.J);
-  for (int64_t i = 0; i < p.c; ++i)
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t j = 0; j < p.J; ++j) {
-        const int64_t l = j * p.c + i;
-        if (l < p.L) K[m * p.L + l] = prod[(i * p.M + m) * p.J + j];
-      }
-}
-
-// Gradients of one feature from G = dLoss/dK (M, L):
-//   dW_i = sum_j G[:, j c + i] v_j^T            dv_j = sum_i W_i^T G[:, j c + i]
-//   v chain, backwards:  a = dv_{J-1};  dP += a v_{j-1}^T, a = dv_{j-1} + P^T a;  d dB = a
-//   W chain, backwards:  b = dW_{c-1};  d dA += W_{i-1}^T b, b = dW_{i-1} + b dA^T;  dC = b
-//   squarings, backwards: g = dP;  g <- g S_k^T + S_k^T g for k = s-1 .. 0;  d dA += g
-template <typename T>
-void backward_feature(const Plan& p, const T* G, const T* dA, const T* dB, const T* C, Feature<T>& f,
-                      std::vector<T>& scratch, T* gA, T* gB, T* gC) {
-  f.compute(p, dA, dB, C);
-  const int64_t N = p.N, NN = N * N, M = p.M, MN = M * N, cM = p.c * M;
-  scratch.assign(cM * p.J + cM * N + p.J * N + 4 * NN + 2 * N + MN, T(0));  // zeroed: dP accumulates
-  T* Gr = scratch.data();   // (c M x J): G[m, j c + i] at row i M + m, 0 past L
-  T* dW = Gr + cM * p.J;    // (c M x N)
-  T* dV = dW + cM * N;      // (J x N)
-  T* dP = dV + p.J * N;     // (N x N)
-  T* g = dP + NN;           // (N x N)
-  T* g_next = g + NN;       // (N x N)
-  T* transposed = g_next + NN;  // (N x N): dA^T, then each S_k^T
-  T* a = transposed + NN;   // (N)
-  T* a_next = a + N;        // (N)
-  T* b_next = a_next + N;   // (M x N)
-  for (int64_t i = 0; i < p.c; ++i)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < p.J; ++j) {
-        const int64_t l = j * p.c + i;
-        Gr[(i * M + m) * p.J + j] = l < p.L ? G[m * p.L + l] : T(0);
-      }
-  matmul(Gr, f.V.data(), dW, cM, p.J, N);
-  add_matmul_tn(Gr, f.W.data(), dV, p.J, cM, N);
-
-  // v chain
-  const T* P = f.S.data() + p.s * NN;
-  std::copy(dV + (p.J - 1) * N, dV + p.J * N, a);
-  for (int64_t j = p.J - 1; j >= 1; --j) {
-    add_matmul_tn(a, f.V.data() + (j - 1) * N, dP, N, 1, N);  // outer product a v_{j-1}^T
-    std::copy(dV + (j - 1) * N, dV + j * N, a_next);
-    matmul(a, P, a_next, 1, N, N, /*accumulate=*/true);  // P^T a, as the row vector a^T P
-    std::swap(a, a_next);
-  }
-  std::copy(a, a + N, gB);
-
-  // W chain: gA starts at zero and collects W_{i-1}^T b.
-  std::fill(gA, gA + NN, T(0));
-  T* b = gC;  // the running adjoint ends as dC
-  std::copy(dW + (p.c - 1) * MN, dW + p.c * MN, b);
-  transpose(dA, transposed, N, N);
-  for (int64_t i = p.c - 1; i >= 1; --i) {
-    add_matmul_tn(f.W.data() + (i - 1) * MN, b, gA, N, M, N);
-    std::copy(dW + (i - 1) * MN, dW + i * MN, b_next);
-    matmul(b, transposed, b_next, M, N, N, /*accumulate=*/true);
-    std::copy(b_next, b_next + MN, b);
-  }
-
-  // squarings: S_{k+1} = S_k S_k
-  std::copy(dP, dP + NN, g);
-  for (int64_t k = p.s - 1; k >= 0; --k) {
-    const T* S = f.S.data() + k * NN;
-    transpose(S, transposed, N, N);
-    matmul(g, transposed, g_next, N, N, N);
-    add_matmul_tn(S, g, g_next, N, N, N);
-    std::swap(g, g_next);
-  }
-  for (int64_t q = 0; q < NN; ++q) gA[q] += g[q];
+// S_0 = dA, S_{k+1} = S_k S_k: the powers dA^(2^k), k = 0..s.
+std::vector<at::Tensor> squarings(const at::Tensor& dA, int64_t s) {
+  std::vector<at::Tensor> S{dA};
+  for (int64_t k = 0; k < s; ++k) S.push_back(at::matmul(S.back(), S.back()));
+  return S;
 }
 
 Plan check(const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& C, int64_t L, const char* name) {
@@ -190,26 +151,23 @@ Plan check(const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& C, int6
   return make_plan(H, N, C.size(1), L);
 }
 
-// Every feature is computed in float64, whatever the inputs' dtype: P = dA^c by squaring and its adjoint
-// multiply rounding errors by the powers' growth, which float32 would carry into K and the gradients at
-// several times the error of L plain float32 mat-vecs. Per feature the data are a few N x N matrices in
-// cache, so this costs half the SIMD width, not memory traffic.
 at::Tensor forward_cpu(const at::Tensor& dA_in, const at::Tensor& dB_in, const at::Tensor& C_in, int64_t L) {
   const Plan p = check(dA_in, dB_in, C_in, L, "krylov_kernel");
-  const auto dA = dA_in.to(at::kDouble).contiguous(), dB = dB_in.to(at::kDouble).contiguous(),
-             C = C_in.to(at::kDouble).contiguous();
-  auto K = at::empty({p.H, p.M, L}, dA.options());
-  const double *a = dA.const_data_ptr<double>(), *b = dB.const_data_ptr<double>(), *c = C.const_data_ptr<double>();
-  double* k = K.mutable_data_ptr<double>();
-  at::parallel_for(0, p.H, 1, [&](int64_t h0, int64_t h1) {
-    Feature<double> f;
-    std::vector<double> prod;
-    for (int64_t h = h0; h < h1; ++h)
-      forward_feature(p, a + h * p.N * p.N, b + h * p.N, c + h * p.M * p.N, f, prod, k + h * p.M * L);
-  });
-  return K.to(dA_in.scalar_type());
+  const auto dA = dA_in.to(at::kDouble).contiguous(), dB = dB_in.to(at::kDouble), C = C_in.to(at::kDouble);
+  const auto S = squarings(dA, p.s);
+  const auto W = chain(C, dA, {}, p.c);                                                   // (H, c, M, N)
+  const auto V = chain(dB.unsqueeze(1), S.back().transpose(1, 2), {}, p.J).squeeze(2);  // (H, J, N)
+  // K[m, j c + i] = W_i[m] . v_j: (H, c M, J), reordered to (H, M, J, c) = (H, M, J c)
+  const auto prod = at::matmul(W.view({p.H, p.c * p.M, p.N}), V.transpose(1, 2));
+  const auto K = prod.view({p.H, p.c, p.M, p.J}).permute({0, 2, 3, 1}).reshape({p.H, p.M, p.J * p.c});
+  return K.narrow(2, 0, L).to(dA_in.scalar_type()).contiguous();
 }
 
+// From G = dLoss/dK:
+//   dW_i = sum_j G[:, j c + i] v_j^T            dv_j = sum_i W_i^T G[:, j c + i]
+//   v chain backwards: a_{J-1} = dv_{J-1}, a_{j-1} = dv_{j-1} + P^T a_j;  dP = sum_{j>=1} a_j v_{j-1}^T;  d dB = a_0
+//   W chain backwards: b_{c-1} = dW_{c-1}, b_{i-1} = dW_{i-1} + b_i dA^T;  d dA = sum_{i>=1} W_{i-1}^T b_i;  dC = b_0
+//   squarings backwards: g = dP, g <- g S_k^T + S_k^T g for k = s-1 .. 0;  d dA += g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& dA_in,
                                                             const at::Tensor& dB_in, const at::Tensor& C_in,
                                                             int64_t L) {
@@ -217,22 +175,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.H && grad.size(1) == p.M && grad.size(2) == L &&
                   grad.scalar_type() == dA_in.scalar_type(),
               "krylov_kernel_backward: grad must have shape (H, M, L) and dA's dtype");
-  const auto dA = dA_in.to(at::kDouble).contiguous(), dB = dB_in.to(at::kDouble).contiguous(),
-             C = C_in.to(at::kDouble).contiguous(), G = grad.to(at::kDouble).contiguous();
-  auto gA = at::empty_like(dA), gB = at::empty_like(dB), gC = at::empty_like(C);
-  const double *a = dA.const_data_ptr<double>(), *b = dB.const_data_ptr<double>(), *c = C.const_data_ptr<double>(),
-               *g = G.const_data_ptr<double>();
-  double *ga = gA.mutable_data_ptr<double>(), *gb = gB.mutable_data_ptr<double>(), *gc = gC.mutable_data_ptr<double>();
-  at::parallel_for(0, p.H, 1, [&](int64_t h0, int64_t h1) {
-    Feature<double> f;
-    std::vector<double> scratch;
-    const int64_t NN = p.N * p.N, MN = p.M * p.N;
-    for (int64_t h = h0; h < h1; ++h)
-      backward_feature(p, g + h * p.M * L, a + h * NN, b + h * p.N, c + h * MN, f, scratch, ga + h * NN, gb + h * p.N,
-                       gc + h * MN);
-  });
+  const auto dA = dA_in.to(at::kDouble).contiguous(), dB = dB_in.to(at::kDouble), C = C_in.to(at::kDouble);
+  const auto S = squarings(dA, p.s);
+  const auto& P = S.back();
+  const auto W = chain(C, dA, {}, p.c).view({p.H, p.c * p.M, p.N});
+  const auto V = chain(dB.unsqueeze(1), P.transpose(1, 2), {}, p.J).squeeze(2);
+  // Gr (H, c M, J): G[m, j c + i] at row i M + m, zero past L
+  const auto G = at::constant_pad_nd(grad.to(at::kDouble), {0, p.J * p.c - L});
+  const auto Gr = G.view({p.H, p.M, p.J, p.c}).permute({0, 3, 1, 2}).reshape({p.H, p.c * p.M, p.J});
+  const auto dW = at::matmul(Gr, V).view({p.H, p.c, p.M, p.N});
+  const auto dV = at::matmul(Gr.transpose(1, 2), W);  // (H, J, N)
+
+  // v chain: a_rev[:, t] = a_{J-1-t}, the recurrence a <- a P + dv run over the reversed sequence.
+  const auto a_rev = chain(dV.select(1, p.J - 1).unsqueeze(1), P, dV.flip({1}).unsqueeze(2), p.J).squeeze(2);
+  const auto gB = a_rev.select(1, p.J - 1);
+  // dP = [a_1 .. a_{J-1}]^T [v_0 .. v_{J-2}]
+  const auto a_later = a_rev.narrow(1, 0, p.J - 1).flip({1});
+  auto g = at::matmul(a_later.transpose(1, 2), V.narrow(1, 0, p.J - 1));
+
+  // W chain: b_rev[:, t] = b_{c-1-t}, the recurrence b <- b dA^T + dW over the reversed sequence.
+  const auto b_rev = chain(dW.select(1, p.c - 1), dA.transpose(1, 2), dW.flip({1}), p.c);
+  const auto gC = b_rev.select(1, p.c - 1);
+  const auto b_later = b_rev.narrow(1, 0, p.c - 1).flip({1}).reshape({p.H, (p.c - 1) * p.M, p.N});
+  auto gA = at::matmul(W.narrow(1, 0, (p.c - 1) * p.M).transpose(1, 2), b_later);
+
+  for (int64_t k = p.s - 1; k >= 0; --k) g = at::matmul(g, S[k].transpose(1, 2)) + at::matmul(S[k].transpose(1, 2), g);
+  gA = gA + g;
   const auto dtype = dA_in.scalar_type();
-  return {gA.to(dtype), gB.to(dtype), gC.to(dtype)};
+  return {gA.to(dtype).contiguous(), gB.to(dtype).contiguous(), gC.to(dtype).contiguous()};
 }
 
 }  // namespace
