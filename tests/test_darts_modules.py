@@ -361,15 +361,25 @@ def test_network_variants_match_their_eager_twin(weighting):
             if hasattr(fast, name):
                 getattr(fast, name).copy_(torch.randn(14))
                 getattr(eager, name).copy_(getattr(fast, name))
+    sampled = weighting.startswith("gumbel")
+    # The deterministic modes are judged against the float64 twin as the whole-network test above; the gumbel
+    # modes draw their noise in the alphas' dtype, so a float64 twin would draw other samples: there the
+    # float32 twins, given the same draws, must agree to float32 rounding through the network.
+    nets = [(fast, torch.float32), (eager, torch.float32)] + ([] if sampled else [(copy.deepcopy(eager).double(), torch.float64)])
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
     grads = []
-    for net in (fast, eager):
-        torch.manual_seed(7)  # the same gumbel draws in both
-        F.cross_entropy(net(x), target).backward()
+    for net, dtype in nets:
+        torch.manual_seed(7)  # the same gumbel draws in both float32 twins
+        F.cross_entropy(net(x.to(dtype)), target).backward()
         grads.append({n: p.grad for n, p in net.named_parameters()})
     assert set(grads[0]) == set(grads[1])
     for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-4, msg=name)
+        if grads[0][name] is None or grads[1][name] is None:  # GDAS: ops no edge sampled get no gradient
+            assert grads[0][name] is None and grads[1][name] is None, name
+        elif sampled:
+            assert scaled_error(grads[0][name], grads[1][name].double()) < 1e-3, name
+        else:
+            assert scaled_error(grads[0][name], grads[2][name]) <= 4 * scaled_error(grads[1][name], grads[2][name]) + 1e-4, name
     assert fast.genotype() == eager.genotype()
     assert len(fast.arch_parameters()) == (4 if kwargs["edge_normalization"] else 2)
 

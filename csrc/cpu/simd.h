@@ -1,7 +1,7 @@
 // Portable vectorisation helpers for the CPU kernels.
 //
 // Kernels are plain loops over contiguous spans that the compiler vectorises. ACCEL_CPU_CLONES builds
-// each hot function twice, for AVX2+FMA (Haswell and later) and for the baseline x86-64 ISA, and the
+// each hot function twice, for AVX2+FMA (x86-64-v3: Haswell, Zen and later) and for the baseline x86-64 ISA, and the
 // loader picks one at run time (GCC/Clang function multiversioning), so one binary is both fast and
 // portable. On other architectures the attribute is empty and the baseline build is used.
 #pragma once
@@ -9,9 +9,12 @@
 #include <cstdint>
 #include <cstring>
 
+// The AVX2 clone is named by the x86-64-v3 ISA level, not by a CPU: GCC's resolver tests "arch=haswell" with
+// __builtin_cpu_is("haswell"), which is false on every AMD CPU and every Intel one after Haswell, so such a
+// clone is never picked there; "arch=x86-64-v3" is tested by CPU features (AVX2, FMA, BMI2, ...).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(ACCEL_NO_CLONES)
-#define ACCEL_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define ACCEL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define ACCEL_CPU_CLONES
 #endif
