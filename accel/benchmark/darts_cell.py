@@ -6,9 +6,8 @@ the very same parameter and buffer tensors. Shapes: batch 64, the first normal c
 (inputs of 48 channels at 32x32).
 """
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from accel.benchmark.darts_edge import BATCH, sharing_tensors
+from accel.benchmark.darts_edge import BATCH, conv_flops, sharing_tensors
 from accel.benchmark.harness import Case
 from accel.nn.darts import Cell
 from accel.reference import darts as reference
@@ -42,13 +41,8 @@ def _eager(s0, s1, weights, params, fast, eager):
 
 
 def _flops(C_prev: int, C: int, hw: int) -> dict[str, float]:
-    """The cell's convolution FLOPs by FlopCounterMode on one sample, scaled by the batch; forward+backward
-    is three times the forward (see darts_edge._flops)."""
     s0, s1, weights, params, fast, eager = _setup(C_prev, C, hw)(torch.device("cpu"))
-    with FlopCounterMode(display=False) as counter:
-        eager(s0[:1], s1[:1], weights)
-    forward = BATCH * counter.get_total_flops()
-    return {"fwd": forward, "fwd+bwd": 3 * forward}
+    return conv_flops(lambda: eager(s0[:1], s1[:1], weights))
 
 
 def _case(name: str, C_prev: int, C: int, hw: int) -> Case:

@@ -49,15 +49,20 @@ def _eager(x, weights, params, fast, eager):
     return eager(x, weights)
 
 
-def _flops(C: int, hw: int, stride: int) -> dict[str, float]:
-    """FLOPs of the edge's forward counted by torch's FlopCounterMode (its convolutions), and three times
-    that for forward+backward (each convolution's backward is two of its size: grad input, grad weight).
-    The counter's own backward count is not used: it does not divide grouped convolutions by their groups."""
-    x, weights, params, fast, eager = _setup(C, hw, stride)(torch.device("cpu"))
+def conv_flops(run_one_sample) -> dict[str, float]:
+    """FLOPs of a DARTS module's forward counted by torch's FlopCounterMode (its convolutions) on one sample
+    (``run_one_sample()``), scaled by the batch, and three times that for forward+backward (each
+    convolution's backward is two of its size: grad input, grad weight). The counter's own backward count is
+    not used: it does not divide grouped convolutions by their groups."""
     with FlopCounterMode(display=False) as counter:
-        eager(x[:1], weights)  # one sample, scaled by the batch
+        run_one_sample()
     forward = BATCH * counter.get_total_flops()
     return {"fwd": forward, "fwd+bwd": 3 * forward}
+
+
+def _flops(C: int, hw: int, stride: int) -> dict[str, float]:
+    x, weights, params, fast, eager = _setup(C, hw, stride)(torch.device("cpu"))
+    return conv_flops(lambda: eager(x[:1], weights))
 
 
 def _case(name: str, C: int, hw: int, stride: int) -> Case:

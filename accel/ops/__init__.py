@@ -1,8 +1,9 @@
 """The public functional ops. Each defines its schema, fake kernel and autograd, and picks the backend."""
 from accel.ops.batch_norm_mix import batch_norm_mix
+from accel.ops.causal_conv import causal_conv
 from accel.ops.darts_pool_branches import darts_pool_branches
 from accel.ops.depthwise_conv2d import depthwise_conv2d
 from accel.ops.krylov_kernel import krylov_kernel
 from accel.ops.mixed_op import mixed_op
 
-__all__ = ["batch_norm_mix", "darts_pool_branches", "depthwise_conv2d", "krylov_kernel", "mixed_op"]
+__all__ = ["batch_norm_mix", "causal_conv", "darts_pool_branches", "depthwise_conv2d", "krylov_kernel", "mixed_op"]

@@ -1,4 +1,6 @@
 """The torch.library namespace ``accel`` that every op's schema is defined in, and the backend choice."""
+import importlib
+
 import torch
 
 from accel import _extension
@@ -26,3 +28,13 @@ def register_backends(name: str, reference_impl, triton_impl=None) -> None:
     if not _extension.LOADED:
         lib.impl(name, reference_impl, "CPU")
     lib.impl(name, triton_impl if triton_impl is not None and triton_available() else reference_impl, "CUDA")
+
+
+def triton_kernel(module: str, function: str):
+    """accel.kernels.<module>.<function>, imported on its first call: Triton is loaded only when a CUDA tensor
+    reaches the op."""
+    def call(*args):
+        return getattr(importlib.import_module(f"accel.kernels.{module}"), function)(*args)
+
+    call.__name__ = f"{module}_{function}"
+    return call

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 
 # Functional, so that autograd and torch.compile see no mutation: the running statistics go in as one
 # (K, 2, C) tensor (mean, var) and come out updated; the Python op stores them.
@@ -149,17 +149,5 @@ def _reference_backward(grad, zs, weights, stats, training, eps):
     return [g.contiguous() for g in grad_zs], grad_w
 
 
-def _triton_forward(zs, weights, running, training, momentum, eps):
-    from accel.kernels import batch_norm_mix as kernel
-
-    return kernel.forward(zs, weights, running, training, momentum, eps)
-
-
-def _triton_backward(grad, zs, weights, stats, training, eps):
-    from accel.kernels import batch_norm_mix as kernel
-
-    return kernel.backward(grad, zs, weights, stats, training, eps)
-
-
-register_backends("batch_norm_mix", _reference_forward, _triton_forward)
-register_backends("batch_norm_mix_backward", _reference_backward, _triton_backward)
+register_backends("batch_norm_mix", _reference_forward, triton_kernel("batch_norm_mix", "forward"))
+register_backends("batch_norm_mix_backward", _reference_backward, triton_kernel("batch_norm_mix", "backward"))

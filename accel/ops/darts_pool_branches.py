@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 
 # Functional, so that autograd and torch.compile see no mutation: the running statistics go in as one (4, C)
 # tensor (max mean, max var, avg mean, avg var) and come out updated; the Python op stores them.
@@ -119,17 +119,5 @@ def _reference_backward(grad, x, weights, stats, training, eps):
         return tuple(t.contiguous() for t in torch.autograd.grad(out, [x_, w_], grad))
 
 
-def _triton_forward(x, weights, running, training, momentum, eps):
-    from accel.kernels import darts_pool_branches as kernel
-
-    return kernel.forward(x, weights, running, training, momentum, eps)
-
-
-def _triton_backward(grad, x, weights, stats, training, eps):
-    from accel.kernels import darts_pool_branches as kernel
-
-    return kernel.backward(grad, x, weights, stats, training, eps)
-
-
-register_backends("darts_pool_branches", _reference_forward, _triton_forward)
-register_backends("darts_pool_branches_backward", _reference_backward, _triton_backward)
+register_backends("darts_pool_branches", _reference_forward, triton_kernel("darts_pool_branches", "forward"))
+register_backends("darts_pool_branches_backward", _reference_backward, triton_kernel("darts_pool_branches", "backward"))

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 from accel.reference import mixed_op as reference  # the module, not the function
 
 lib.define("mixed_op(Tensor[] ys, Tensor weights, float? tau) -> Tensor")
@@ -126,17 +126,5 @@ def _reference_backward(grad, ys, weights, tau=None):
     return grad_ys, grads[-1]
 
 
-def _triton_forward(ys, weights, tau=None):
-    from accel.kernels import mixed_op as kernel
-
-    return kernel.forward(ys, weights, tau)
-
-
-def _triton_backward(grad, ys, weights, tau=None):
-    from accel.kernels import mixed_op as kernel
-
-    return kernel.backward(grad, ys, weights, tau)
-
-
-register_backends("mixed_op", _reference_forward, _triton_forward)
-register_backends("mixed_op_backward", _reference_backward, _triton_backward)
+register_backends("mixed_op", _reference_forward, triton_kernel("mixed_op", "forward"))
+register_backends("mixed_op_backward", _reference_backward, triton_kernel("mixed_op", "backward"))
