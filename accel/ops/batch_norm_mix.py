@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from accel.ops._checks import check_tensor_list
 from accel.ops._library import lib, register_backends, triton_kernel
 
 # Functional, so that autograd and torch.compile see no mutation: the running statistics go in as one
@@ -57,19 +58,9 @@ def batch_norm_mix(zs: Sequence[Tensor], weights: Tensor, norms: Sequence[nn.Bat
 
 
 def _check(zs: list, weights, norms: list) -> None:
-    if not zs:
-        raise ValueError("batch_norm_mix: `zs` must hold at least one tensor")
-    z0 = zs[0]
-    for k, z in enumerate(zs):
-        if not isinstance(z, Tensor):
-            raise TypeError(f"batch_norm_mix: `zs[{k}]` must be a Tensor, got {type(z).__name__}")
-        if z.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"batch_norm_mix: `zs[{k}]` must be float32 or float64, got {z.dtype}")
-        if z.dim() < 2:
-            raise ValueError(f"batch_norm_mix: `zs[{k}]` must have shape (N, C, ...), got {tuple(z.shape)}")
-        if (z.shape, z.dtype, z.device) != (z0.shape, z0.dtype, z0.device):
-            raise ValueError(f"batch_norm_mix: `zs[{k}]` is {z.dtype} {tuple(z.shape)} on {z.device} but `zs[0]` "
-                             f"is {z0.dtype} {tuple(z0.shape)} on {z0.device}")
+    z0 = check_tensor_list("batch_norm_mix", "zs", zs, SUPPORTED_DTYPES)
+    if z0.dim() < 2:
+        raise ValueError(f"batch_norm_mix: `zs[0]` must have shape (N, C, ...), got {tuple(z0.shape)}")
     if not isinstance(weights, Tensor) or weights.shape != (len(zs),) or not weights.is_floating_point():
         raise ValueError(f"batch_norm_mix: `weights` must be a floating tensor of shape ({len(zs)},), got "
                          f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}")

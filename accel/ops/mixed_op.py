@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from accel.ops._checks import check_tensor_list
 from accel.ops._library import lib, register_backends, triton_kernel
 from accel.reference import mixed_op as reference  # the module, not the function
 
@@ -53,20 +54,7 @@ def mixed_op(ys: Sequence[Tensor] | Tensor, weights: Tensor | None = None, *, al
 
 
 def _check(ys: list, mix, name: str) -> None:
-    if len(ys) == 0:
-        raise ValueError("mixed_op: `ys` must hold at least one tensor")
-    y0 = ys[0]
-    for k, y in enumerate(ys):
-        if not isinstance(y, Tensor):
-            raise TypeError(f"mixed_op: `ys[{k}]` must be a Tensor, got {type(y).__name__}")
-        if y.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"mixed_op: `ys[{k}]` must be float32, float64 or bfloat16, got {y.dtype}")
-        if y.dtype != y0.dtype:
-            raise TypeError(f"mixed_op: `ys[{k}]` has dtype {y.dtype} but `ys[0]` has {y0.dtype}")
-        if y.device != y0.device:
-            raise ValueError(f"mixed_op: `ys[{k}]` is on {y.device} but `ys[0]` is on {y0.device}")
-        if y.shape != y0.shape:
-            raise ValueError(f"mixed_op: `ys[{k}]` has shape {tuple(y.shape)} but `ys[0]` has {tuple(y0.shape)}")
+    y0 = check_tensor_list("mixed_op", "ys", ys, SUPPORTED_DTYPES)
     if not isinstance(mix, Tensor):
         raise TypeError(f"mixed_op: `{name}` must be a Tensor, got {type(mix).__name__}")
     if mix.dim() != 1 or mix.shape[0] != len(ys):
