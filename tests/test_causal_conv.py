@@ -69,11 +69,17 @@ def test_gradcheck_float64():
 
 
 def test_blocks_of_features_and_the_reference():
-    # 40 features: several blocks of the kernel's feature loop, the last one partial
-    u, K, D = torch.randn(2, 64, 40, dtype=torch.float64), torch.randn(40, 1, 64, dtype=torch.float64), \
-        torch.randn(40, 1, dtype=torch.float64)
-    torch.testing.assert_close(causal_conv(u, K, D, "gelu"), reference.causal_conv(u, K, D, "gelu"))
-    torch.testing.assert_close(causal_conv(u, K, D), direct(u, K, D))
+    # Long enough that the kernel splits the 70 features into blocks (63 + 7 at 64 MiB of spectra per block).
+    u = torch.randn(2, 32768, 70, dtype=torch.float64, requires_grad=True)
+    K = (torch.randn(70, 1, 300, dtype=torch.float64) / 20).requires_grad_()
+    D = torch.randn(70, 1, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 32768, 70, 1, dtype=torch.float64)
+    got = [causal_conv(u, K, D, "gelu")]
+    got += torch.autograd.grad(got[0], [u, K, D], grad)
+    want = [reference.causal_conv(u, K, D, "gelu")]
+    want += torch.autograd.grad(want[0], [u, K, D], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_opcheck_compile_and_fallback():

@@ -4,9 +4,9 @@
 // the future (bidirectional layers), D (H, M), y (B, L, H, M). Both kernels are laid into one length-2L
 // circular kernel, [K, 0 ..., flip(K_reverse)], so one product of spectra gives both directions.
 //
-// Features are processed in blocks of kBlockH, so the spectra and the length-2L results in flight are
-// those of one block, not of all H features (at B = 16, H = 256, L = 16k the full spectra alone would
-// take 1 GiB). The D skip and the activation are applied in the pass that writes y out of the block's
+// Features are processed in blocks sized so that one block's spectra take about kSpectrumBytes, not all H
+// features' (at B = 16, H = 256, L = 16k the full spectra alone would take 1 GiB); each block is copied
+// with time as its last, contiguous axis, along which the FFTs run. The D skip and the activation are applied in the pass that writes y out of the block's
 // inverse FFT. The backward recomputes the pre-activation where the activation needs it (nothing of size
 // B L H M is saved), and gets all three gradients from the spectra of u and of the output gradient:
 //   grad u = corr(K_full, g) + sum_m D g,   grad K_full = sum_b corr(u, g),   grad D = sum_{b,l} g u.
@@ -20,7 +20,13 @@
 namespace accel {
 namespace {
 
-constexpr int64_t kBlockH = 16;
+constexpr int64_t kSpectrumBytes = int64_t{64} << 20;
+
+// Features per block: the spectra of a block, B x hb x M x (L + 1) complex doubles at most, in kSpectrumBytes.
+int64_t block_features(int64_t B, int64_t L, int64_t H, int64_t M) {
+  const int64_t per_feature = std::max<int64_t>(1, B * M * (L + 1) * 16);
+  return std::max<int64_t>(1, std::min(H, kSpectrumBytes / per_feature));
+}
 
 // act in {0: none, 1: gelu (erf)}.
 int64_t activation_code(std::optional<c10::string_view> activation) {
@@ -39,11 +45,15 @@ at::Tensor full_kernel(const at::Tensor& K, const std::optional<at::Tensor>& K_r
   return k;
 }
 
-// conv (B, L, hb, M) = the circular product of u's block (B, L, hb) with the block's full kernel, no skip.
-at::Tensor block_conv(const at::Tensor& u_block, const at::Tensor& k_block, int64_t L) {
-  const auto U = at::fft_rfft(u_block, 2 * L, 1);                       // (B, L + 1, hb)
-  const auto Kf = at::fft_rfft(k_block, 2 * L, 2).permute({2, 0, 1});  // (L + 1, hb, M)
-  return at::fft_irfft(U.unsqueeze(-1) * Kf, 2 * L, 1).narrow(1, 0, L);  // (B, L, hb, M)
+// u's block (B, L, hb) with time last: (B, hb, L), contiguous.
+at::Tensor time_last(const at::Tensor& u_block) { return u_block.transpose(1, 2).contiguous(); }
+
+// conv (B, L, hb, M) = the circular product of u's block, time last (B, hb, L), with the block's full kernel
+// (hb, M, 2L), no skip.
+at::Tensor block_conv(const at::Tensor& ut, const at::Tensor& k_block, int64_t L) {
+  const auto U = at::fft_rfft(ut, 2 * L, -1);      // (B, hb, L + 1)
+  const auto Kf = at::fft_rfft(k_block, 2 * L, -1);  // (hb, M, L + 1)
+  return at::fft_irfft(U.unsqueeze(2) * Kf, 2 * L, -1).narrow(-1, 0, L).permute({0, 3, 1, 2});  // (B, L, hb, M)
 }
 
 inline double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * M_SQRT1_2)); }
@@ -97,11 +107,12 @@ at::Tensor forward_cpu(const at::Tensor& u_in, const at::Tensor& K_in, const std
   auto y = at::empty({B, L, H, M}, u.options());
   if (y.numel() == 0) return y;
   const auto D = D_in.has_value() ? std::optional<at::Tensor>(D_in->contiguous()) : std::nullopt;
-  for (int64_t h0 = 0; h0 < H; h0 += kBlockH) {
-    const int64_t hb = std::min(kBlockH, H - h0);
+  const int64_t block = block_features(B, L, H, M);
+  for (int64_t h0 = 0; h0 < H; h0 += block) {
+    const int64_t hb = std::min(block, H - h0);
     std::optional<at::Tensor> Kr;
     if (K_reverse_in.has_value()) Kr = K_reverse_in->narrow(0, h0, hb);
-    const auto conv = block_conv(u.narrow(2, h0, hb), full_kernel(K_in.narrow(0, h0, hb), Kr, L), L);
+    const auto conv = block_conv(time_last(u.narrow(2, h0, hb)), full_kernel(K_in.narrow(0, h0, hb), Kr, L), L);
     AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv", [&] {
       epilogue<scalar_t>(conv, u, D ? D->const_data_ptr<scalar_t>() : nullptr, act, h0, y);
     });
@@ -124,33 +135,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto gK = at::empty_like(K_in, at::MemoryFormat::Contiguous);
   auto gD = D_in.has_value() ? at::empty_like(*D_in, at::MemoryFormat::Contiguous) : u.new_empty({0});
   auto gKr = K_reverse_in.has_value() ? at::empty_like(*K_reverse_in, at::MemoryFormat::Contiguous) : u.new_empty({0});
-  for (int64_t h0 = 0; h0 < H; h0 += kBlockH) {
-    const int64_t hb = std::min(kBlockH, H - h0);
+  const int64_t block = block_features(B, L, H, M);
+  for (int64_t h0 = 0; h0 < H; h0 += block) {
+    const int64_t hb = std::min(block, H - h0);
     std::optional<at::Tensor> Kr;
     if (K_reverse_in.has_value()) Kr = K_reverse_in->narrow(0, h0, hb);
-    const auto k_block = full_kernel(K_in.narrow(0, h0, hb), Kr, L);     // (hb, M, 2L)
-    const auto u_block = u.narrow(2, h0, hb);                              // (B, L, hb)
-    auto g = grad.narrow(2, h0, hb);                                       // (B, L, hb, M)
+    const auto k_block = full_kernel(K_in.narrow(0, h0, hb), Kr, L);  // (hb, M, 2L)
+    const auto u_block = u.narrow(2, h0, hb);                           // (B, L, hb)
+    const auto ut = time_last(u_block);                                 // (B, hb, L)
+    auto g = grad.narrow(2, h0, hb);                                    // (B, L, hb, M)
     if (act == 1) {
       // g <- g * gelu'(z), z = conv + D u recomputed
-      auto z = block_conv(u_block, k_block, L);
+      auto z = block_conv(ut, k_block, L);
       if (D_in.has_value()) z = z + D_in->narrow(0, h0, hb) * u_block.unsqueeze(-1);
       g = g * (0.5 * (1 + at::erf(z * M_SQRT1_2)) + z * at::exp(-0.5 * z * z) * (0.5 * M_2_SQRTPI * M_SQRT1_2));
     }
-    const auto U = at::fft_rfft(u_block, 2 * L, 1);                              // (B, L + 1, hb)
-    const auto G = at::fft_rfft(g, 2 * L, 1);                                    // (B, L + 1, hb, M)
-    const auto Kf = at::fft_rfft(k_block, 2 * L, 2).permute({2, 0, 1});         // (L + 1, hb, M)
+    const auto U = at::fft_rfft(ut, 2 * L, -1);                                     // (B, hb, L + 1)
+    const auto G = at::fft_rfft(g.permute({0, 2, 3, 1}).contiguous(), 2 * L, -1);  // (B, hb, M, L + 1)
+    const auto Kf = at::fft_rfft(k_block, 2 * L, -1);                               // (hb, M, L + 1)
     // grad u[l] = sum_m sum_p K_full[p] g[l + p]: a correlation, conj(K) G
-    auto gu_block = at::fft_irfft((G * Kf.conj()).sum(-1), 2 * L, 1).narrow(1, 0, L);  // (B, L, hb)
+    auto gu_block = at::fft_irfft((G * Kf.conj()).sum(2), 2 * L, -1).narrow(-1, 0, L).transpose(1, 2);  // (B, L, hb)
     if (D_in.has_value()) gu_block = gu_block + (g * D_in->narrow(0, h0, hb)).sum(-1);
     gu.narrow(2, h0, hb).copy_(gu_block);
     // grad K_full[p] = sum_b sum_l g[l] u[l - p mod 2L]: conj(U) G summed over the batch
-    const auto gk_full = at::fft_irfft((G * U.conj().unsqueeze(-1)).sum(0), 2 * L, 0);  // (2L, hb, M)
-    gK.narrow(0, h0, hb).copy_(gk_full.narrow(0, 0, Lk).permute({1, 2, 0}));
+    const auto gk_full = at::fft_irfft((G * U.conj().unsqueeze(2)).sum(0), 2 * L, -1);  // (hb, M, 2L)
+    gK.narrow(0, h0, hb).copy_(gk_full.narrow(-1, 0, Lk));
     if (K_reverse_in.has_value()) {
       const int64_t Lr = gKr.size(2);
       // K_reverse[s] sat at 2L - 1 - s
-      gKr.narrow(0, h0, hb).copy_(gk_full.narrow(0, 2 * L - Lr, Lr).flip({0}).permute({1, 2, 0}));
+      gKr.narrow(0, h0, hb).copy_(gk_full.narrow(-1, 2 * L - Lr, Lr).flip({-1}));
     }
     if (D_in.has_value()) gD.narrow(0, h0, hb).copy_((g * u_block.unsqueeze(-1)).sum({0, 1}));
   }
