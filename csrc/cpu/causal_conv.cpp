@@ -48,18 +48,13 @@ at::Tensor full_kernel(const at::Tensor& K, const std::optional<at::Tensor>& K_r
 // u's block (B, L, hb) with time last: (B, hb, L), contiguous.
 at::Tensor time_last(const at::Tensor& u_block) { return u_block.transpose(1, 2).contiguous(); }
 
-// conv (B, L, hb, M) = the circular product of u's block, time last (B, hb, L), with the block's full kernel
-// (hb, M, 2L), no skip.
-at::Tensor block_conv(const at::Tensor& ut, const at::Tensor& k_block, int64_t L) {
-  const auto U = at::fft_rfft(ut, 2 * L, -1);      // (B, hb, L + 1)
-  const auto Kf = at::fft_rfft(k_block, 2 * L, -1);  // (hb, M, L + 1)
-  return at::fft_irfft(U.unsqueeze(2) * Kf, 2 * L, -1).narrow(-1, 0, L).permute({0, 3, 1, 2});  // (B, L, hb, M)
+// conv (B, L, hb, M) = the circular product of u's block with the block's full kernel, no skip, from their
+// spectra: U (B, hb, L + 1) of u's block with time last, Kf (hb, M, L + 1) of the full kernel.
+at::Tensor block_conv(const at::Tensor& U, const at::Tensor& Kf, int64_t L) {
+  return at::fft_irfft(U.unsqueeze(2) * Kf, 2 * L, -1).narrow(-1, 0, L).permute({0, 3, 1, 2});
 }
 
 inline double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * M_SQRT1_2)); }
-inline double gelu_grad(double z) {
-  return 0.5 * (1.0 + std::erf(z * M_SQRT1_2)) + z * std::exp(-0.5 * z * z) * 0.5 * M_2_SQRTPI * M_SQRT1_2;
-}
 
 void check(const at::Tensor& u, const at::Tensor& K, const std::optional<at::Tensor>& D,
            const std::optional<at::Tensor>& K_reverse) {
@@ -112,7 +107,9 @@ at::Tensor forward_cpu(const at::Tensor& u_in, const at::Tensor& K_in, const std
     const int64_t hb = std::min(block, H - h0);
     std::optional<at::Tensor> Kr;
     if (K_reverse_in.has_value()) Kr = K_reverse_in->narrow(0, h0, hb);
-    const auto conv = block_conv(time_last(u.narrow(2, h0, hb)), full_kernel(K_in.narrow(0, h0, hb), Kr, L), L);
+    const auto U = at::fft_rfft(time_last(u.narrow(2, h0, hb)), 2 * L, -1);
+    const auto Kf = at::fft_rfft(full_kernel(K_in.narrow(0, h0, hb), Kr, L), 2 * L, -1);
+    const auto conv = block_conv(U, Kf, L);
     AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv", [&] {
       epilogue<scalar_t>(conv, u, D ? D->const_data_ptr<scalar_t>() : nullptr, act, h0, y);
     });
@@ -143,16 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const auto k_block = full_kernel(K_in.narrow(0, h0, hb), Kr, L);  // (hb, M, 2L)
     const auto u_block = u.narrow(2, h0, hb);                           // (B, L, hb)
     const auto ut = time_last(u_block);                                 // (B, hb, L)
-    auto g = grad.narrow(2, h0, hb);                                    // (B, L, hb, M)
+    const auto U = at::fft_rfft(ut, 2 * L, -1);       // (B, hb, L + 1)
+    const auto Kf = at::fft_rfft(k_block, 2 * L, -1);  // (hb, M, L + 1)
+    auto g = grad.narrow(2, h0, hb);                    // (B, L, hb, M)
     if (act == 1) {
-      // g <- g * gelu'(z), z = conv + D u recomputed
-      auto z = block_conv(ut, k_block, L);
+      // g <- g * gelu'(z), z = conv + D u recomputed from the same spectra
+      auto z = block_conv(U, Kf, L);
       if (D_in.has_value()) z = z + D_in->narrow(0, h0, hb) * u_block.unsqueeze(-1);
       g = g * (0.5 * (1 + at::erf(z * M_SQRT1_2)) + z * at::exp(-0.5 * z * z) * (0.5 * M_2_SQRTPI * M_SQRT1_2));
     }
-    const auto U = at::fft_rfft(ut, 2 * L, -1);                                     // (B, hb, L + 1)
     const auto G = at::fft_rfft(g.permute({0, 2, 3, 1}).contiguous(), 2 * L, -1);  // (B, hb, M, L + 1)
-    const auto Kf = at::fft_rfft(k_block, 2 * L, -1);                               // (hb, M, L + 1)
     // grad u[l] = sum_m sum_p K_full[p] g[l + p]: a correlation, conj(K) G
     auto gu_block = at::fft_irfft((G * Kf.conj()).sum(2), 2 * L, -1).narrow(-1, 0, L).transpose(1, 2);  // (B, L, hb)
     if (D_in.has_value()) gu_block = gu_block + (g * D_in->narrow(0, h0, hb)).sum(-1);
