@@ -2,14 +2,15 @@
 (H, N, L) Krylov tensor.
 
 Flow: krylov_kernel (checks) -> torch.ops.accel.krylov_kernel -> C++ kernel on the CPU
-(csrc/cpu/krylov_kernel.cpp: blocks of c steps, W_i = C dA^i, v_j = (dA^c)^j dB, K[j c + i] = W_i v_j), the
-same blocked algorithm in PyTorch elsewhere. The backward is the op accel::krylov_kernel_backward, with
+(csrc/cpu/krylov_kernel.cpp: blocks of c steps, W_i = C dA^i, v_j = (dA^c)^j dB, K[j c + i] = W_i v_j), Triton
+chains and cuBLAS products on CUDA (kernels/krylov_kernel.py), the same blocked algorithm in PyTorch
+elsewhere. The backward is the op accel::krylov_kernel_backward, with
 hand-derived adjoints of the three recurrences.
 """
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 
 lib.define("krylov_kernel(Tensor dA, Tensor dB, Tensor C, int L) -> Tensor")
 lib.define("krylov_kernel_backward(Tensor grad, Tensor dA, Tensor dB, Tensor C, int L) -> (Tensor, Tensor, Tensor)")
@@ -91,8 +92,9 @@ def blocked_krylov(dA: Tensor, dB: Tensor, C: Tensor, L: int, c: int) -> Tensor:
     return K.reshape(K.shape[0], K.shape[1], -1)[..., :L].contiguous()
 
 
-def _block(L: int) -> int:
-    """A power of two near sqrt(L)."""
+def block(L: int) -> int:
+    """c for the PyTorch and Triton paths: the power of two near sqrt(L), so that the two chains have about as
+    many steps (csrc/cpu/krylov_kernel.cpp picks c by a CPU cost model instead)."""
     c = 1
     while c * c * 4 <= L:
         c *= 2
@@ -101,15 +103,15 @@ def _block(L: int) -> int:
 
 def _reference_forward(dA, dB, C, L):
     with torch.no_grad():
-        return blocked_krylov(dA, dB, C, L, _block(L))
+        return blocked_krylov(dA, dB, C, L, block(L))
 
 
 def _reference_backward(grad, dA, dB, C, L):
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (dA, dB, C)]
-        K = blocked_krylov(*inputs, L, _block(L))
+        K = blocked_krylov(*inputs, L, block(L))
         return tuple(g.contiguous() for g in torch.autograd.grad(K, inputs, grad))
 
 
-register_backends("krylov_kernel", _reference_forward)
-register_backends("krylov_kernel_backward", _reference_backward)
+register_backends("krylov_kernel", _reference_forward, triton_kernel("krylov_kernel", "forward"))
+register_backends("krylov_kernel_backward", _reference_backward, triton_kernel("krylov_kernel", "backward"))
