@@ -32,12 +32,18 @@ def _chain_kernel(x0_ptr, mat_ptr, adds_ptr, out_ptr, R, N: tl.constexpr, T: tl.
     p = tl.arange(0, BLOCK_N)
     in_p = p < N
     row_stride = R * N
-    first = (T - 1) if BACKWARDS else 0
     x0 = tl.load(x0_ptr + (h * R + r) * N + p, mask=in_p, other=0.0)
-    tl.store(out_ptr + ((h * T + first) * R + r) * N + p, x0, mask=in_p)
+    if BACKWARDS:
+        tl.store(out_ptr + ((h * T + T - 1) * R + r) * N + p, x0, mask=in_p)
+    else:
+        tl.store(out_ptr + (h * T * R + r) * N + p, x0, mask=in_p)
     for k in range(1, T):
-        t = (T - 1 - k) if BACKWARDS else k
-        prev = (t + 1) if BACKWARDS else (t - 1)
+        if BACKWARDS:
+            t = T - 1 - k
+            prev = t + 1
+        else:
+            t = k
+            prev = k - 1
         tl.debug_barrier()
         x = tl.load(out_ptr + ((h * T + prev) * R + r) * N + p, mask=in_p, other=0.0)
         for j0 in range(0, N, BLOCK_J):

@@ -2,13 +2,14 @@
 activation fused into the output pass.
 
 Flow: causal_conv (checks) -> torch.ops.accel.causal_conv -> C++ kernel on the CPU (csrc/cpu/causal_conv.cpp:
-features in blocks, so the spectra in flight are those of one block), the reference elsewhere. The backward
+features in blocks, so the spectra in flight are those of one block), cuFFT with Triton passes around it on
+CUDA (kernels/causal_conv.py), the reference elsewhere. The backward
 is the op accel::causal_conv_backward, which recomputes the pre-activation instead of saving it.
 """
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 from accel.reference import lssl as reference
 
 lib.define("causal_conv(Tensor u, Tensor K, Tensor? D, str? activation, Tensor? K_reverse) -> Tensor")
@@ -98,5 +99,5 @@ def _reference_backward(grad, u, K, D, activation, K_reverse):
         return tuple(next(grads).contiguous() if t is not None else u.new_empty(0) for t in (u, K, D, K_reverse))
 
 
-register_backends("causal_conv", _reference_forward)
-register_backends("causal_conv_backward", _reference_backward)
+register_backends("causal_conv", _reference_forward, triton_kernel("causal_conv", "forward"))
+register_backends("causal_conv_backward", _reference_backward, triton_kernel("causal_conv", "backward"))
