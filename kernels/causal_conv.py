@@ -106,10 +106,13 @@ def backward(grad, u, K, D, activation, K_reverse):
     # grad u[t] = sum_m sum_p k[p] gz[t + p]: a correlation, conj(Kf) G; plus the skip's sum_m D gz
     gu = torch.fft.irfft((G * Kf.conj()).sum(2), n=2 * L)[..., :L]
     if D is not None:
-        gu = gu + torch.einsum("bhmt,hm->bht", gz, D)
-    # grad k[p] = sum_b sum_t gz[t] u[t - p mod 2L]: conj(U) G summed over the batch
-    gk = torch.fft.irfft(torch.einsum("bhmf,bhf->hmf", G, U.conj()), n=2 * L)  # (H, M, 2L)
+        gu = gu + (gz * D.unsqueeze(-1)).sum(2)
+    # grad k[p] = sum_b sum_t gz[t] u[t - p mod 2L]: conj(U) G summed over the batch. Products and sums written
+    # out rather than as einsum, which turns these into batched products of tiny (complex) matrices.
+    gk = torch.fft.irfft((G * U.conj().unsqueeze(2)).sum(0), n=2 * L)  # (H, M, 2L)
     gK = gk[..., :Lk].contiguous()
     gKr = gk[..., 2 * L - K_reverse.shape[2]:].flip(-1).contiguous() if K_reverse is not None else u.new_empty(0)
-    gD = torch.einsum("bhmt,bht->hm", gz, u.transpose(1, 2)) if D is not None else u.new_empty(0)
+    gD = u.new_empty(0)
+    if D is not None:  # a sum over B L terms: accumulated in float64, as the CPU kernel's
+        gD = (gz.double() * u.transpose(1, 2).unsqueeze(2).double()).sum((0, 3)).to(u.dtype)
     return gu.transpose(1, 2).contiguous(), gK, gD, gKr

@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       // K_reverse[s] sat at 2L - 1 - s
       gKr.narrow(0, h0, hb).copy_(gk_full.narrow(-1, 2 * L - Lr, Lr).flip({-1}));
     }
-    if (D_in.has_value()) gD.narrow(0, h0, hb).copy_((g * u_block.unsqueeze(-1)).sum({0, 1}));
+    if (D_in.has_value()) gD.narrow(0, h0, hb).copy_((g * u_block.unsqueeze(-1)).sum(at::IntArrayRef{0, 1}));
   }
   return {gu, gK, gD, gKr};
 }
