@@ -5,10 +5,14 @@
 // circular kernel, [K, 0 ..., flip(K_reverse)], so one product of spectra gives both directions.
 //
 // Features are processed in blocks sized so that one block's spectra take about kSpectrumBytes, not all H
-// features' (at B = 16, H = 256, L = 16k the full spectra alone would take 1 GiB); each block is copied
-// with time as its last, contiguous axis, along which the FFTs run. The D skip and the activation are applied in the pass that writes y out of the block's
-// inverse FFT. The backward recomputes the pre-activation where the activation needs it (nothing of size
-// B L H M is saved), and gets all three gradients from the spectra of u and of the output gradient:
+// features' (at B = 16, H = 256, L = 16k the full spectra alone would take 1 GiB). Each block is copied
+// with time as its last, contiguous axis, along which the FFTs run, into a buffer already zero-padded to 2L
+// (an FFT asked to pad its input to 2L copies it once more: about 40% of the FFT's own time). The passes
+// between the two layouts (time-last for the FFTs, batch-first for u, y and their gradients) run over
+// tiles of kTimeTile steps (for_each_tile) and fuse what the element needs: the D skip and the activation
+// on the way out of the inverse FFT; the activation's derivative, recomputed from the pre-activation
+// (nothing of size B L H M is saved), on the way into the gradient's FFT. All three gradients come from the
+// spectra of u and of the output gradient:
 //   grad u = corr(K_full, g) + sum_m D g,   grad K_full = sum_b corr(u, g),   grad D = sum_{b,l} g u.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,16 +49,38 @@ at::Tensor full_kernel(const at::Tensor& K, const std::optional<at::Tensor>& K_r
   return k;
 }
 
-// u's block (B, L, hb) with time last: (B, hb, L), contiguous.
-at::Tensor time_last(const at::Tensor& u_block) { return u_block.transpose(1, 2).contiguous(); }
+constexpr int64_t kTimeTile = 64;
 
-// conv (B, L, hb, M) = the circular product of u's block with the block's full kernel, no skip, from their
-// spectra: U (B, hb, L + 1) of u's block with time last, Kf (hb, M, L + 1) of the full kernel.
-at::Tensor block_conv(const at::Tensor& U, const at::Tensor& Kf, int64_t L) {
-  return at::fft_irfft(U.unsqueeze(2) * Kf, 2 * L, -1).narrow(-1, 0, L).permute({0, 3, 1, 2});
+// x (B, L, R) batch-first (any strides) into a new (B, R, 2L) buffer, time last, zero past L: ready for an
+// FFT of length 2L with no further copy.
+at::Tensor padded_time_last(const at::Tensor& x) {
+  const int64_t B = x.size(0), L = x.size(1), R = x.size(2);
+  auto out = at::empty({B, R, 2 * L}, x.options());
+  out.narrow(2, 0, L).copy_(x.transpose(1, 2));
+  out.narrow(2, L, L).zero_();
+  return out;
 }
 
-inline double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * M_SQRT1_2)); }
+// The circular product of u's block with the block's full kernel, no skip, time last: (B, hb, M, 2L) from the
+// spectra U (B, hb, L + 1) and Kf (hb, M, L + 1); its first L steps are the convolution.
+at::Tensor block_conv(const at::Tensor& U, const at::Tensor& Kf, int64_t L) {
+  return at::fft_irfft(U.unsqueeze(2) * Kf, 2 * L, -1);
+}
+
+// Calls fn(task, b, t0, t1) over tiles [t0, t1) of kTimeTile steps of each batch element, in parallel. Within
+// a tile a pass walks every feature: the time-last rows it touches (kTimeTile contiguous values each) and the
+// batch-first rows (hb values at each step) both stay in L2. `task` numbers the tiles (for per-tile partial
+// sums).
+template <typename Fn>
+void for_each_tile(int64_t B, int64_t L, Fn fn) {
+  const int64_t tiles = (L + kTimeTile - 1) / kTimeTile;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / tiles, t0 = (i % tiles) * kTimeTile;
+      fn(i, b, t0, std::min(L, t0 + kTimeTile));
+    }
+  });
+}
 
 void check(const at::Tensor& u, const at::Tensor& K, const std::optional<at::Tensor>& D,
            const std::optional<at::Tensor>& K_reverse) {
@@ -73,23 +99,64 @@ void check(const at::Tensor& u, const at::Tensor& K, const std::optional<at::Ten
 }
 
 template <typename T>
-void epilogue(const at::Tensor& conv, const at::Tensor& u, const T* D, int64_t act, int64_t h0, at::Tensor& y) {
-  // y[b, l, h0 + j, m] = act(conv[b, l, j, m] + D[h0 + j, m] u[b, l, h0 + j])
-  const int64_t B = conv.size(0), L = conv.size(1), hb = conv.size(2), M = conv.size(3), H = y.size(2);
-  const auto c = conv.contiguous();
-  const T* cp = c.const_data_ptr<T>();
-  const T* up = u.const_data_ptr<T>();
+void skip_pass(const at::Tensor& z, const at::Tensor& u, const T* D, int64_t h0, at::Tensor& y) {
+  // y[b, t, h0 + j, m] = z[b, j, m, t] + D[h0 + j, m] u[b, t, h0 + j]: z time-last (B, hb, M, 2L), y batch-first
+  const int64_t B = z.size(0), hb = z.size(1), M = z.size(2), Lz = z.size(3), L = y.size(1), H = y.size(2);
+  const T *zp = z.const_data_ptr<T>(), *up = u.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  at::parallel_for(0, B * L, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < hb; ++j) {
+  for_each_tile(B, L, [&](int64_t, int64_t b, int64_t t0, int64_t t1) {
+    for (int64_t j = 0; j < hb; ++j)
+      for (int64_t m = 0; m < M; ++m) {
         const int64_t h = h0 + j;
-        const T uv = up[r * H + h];
-        for (int64_t m = 0; m < M; ++m) {
-          double z = cp[(r * hb + j) * M + m] + (D ? double(D[h * M + m]) * uv : 0.0);
-          yp[(r * H + h) * M + m] = static_cast<T>(act == 1 ? gelu(z) : z);
-        }
+        const T* zr = zp + ((b * hb + j) * M + m) * Lz;
+        const T d = D ? D[h * M + m] : T(0);
+        for (int64_t t = t0; t < t1; ++t) yp[((b * L + t) * H + h) * M + m] = zr[t] + d * up[(b * L + t) * H + h];
       }
+  });
+}
+
+template <typename T>
+void add_skip_in_place(at::Tensor& z, const at::Tensor& u, const T* D, int64_t h0, int64_t L) {
+  // z[b, j, m, t] += D[h0 + j, m] u[b, t, h0 + j] for t < L: the pre-activation, time-last
+  const int64_t B = z.size(0), hb = z.size(1), M = z.size(2), Lz = z.size(3), H = u.size(2);
+  const T* up = u.const_data_ptr<T>();
+  T* zp = z.mutable_data_ptr<T>();
+  for_each_tile(B, L, [&](int64_t, int64_t b, int64_t t0, int64_t t1) {
+    for (int64_t j = 0; j < hb; ++j)
+      for (int64_t m = 0; m < M; ++m) {
+        T* zr = zp + ((b * hb + j) * M + m) * Lz;
+        const T d = D[(h0 + j) * M + m];
+        for (int64_t t = t0; t < t1; ++t) zr[t] += d * up[(b * L + t) * H + h0 + j];
+      }
+  });
+}
+
+template <typename T>
+void input_gradient_pass(const at::Tensor& gu_t, const at::Tensor& gz, const at::Tensor& u, const T* D, int64_t h0,
+                         at::Tensor& gu, double* gD_partial) {
+  // gu[b, t, h0 + j] = gu_t[b, j, t] + sum_m D[h0 + j, m] gz[b, j, m, t], and, per tile, the partial sums
+  // gD_partial[tile, j, m] = sum over the tile's (b, t) of gz[b, j, m, t] u[b, t, h0 + j]
+  const int64_t B = gz.size(0), hb = gz.size(1), M = gz.size(2), Lz = gz.size(3), L = gu.size(1), H = gu.size(2);
+  const T *gp = gu_t.const_data_ptr<T>(), *zp = gz.const_data_ptr<T>(), *up = u.const_data_ptr<T>();
+  T* op = gu.mutable_data_ptr<T>();
+  for_each_tile(B, L, [&](int64_t task, int64_t b, int64_t t0, int64_t t1) {
+    for (int64_t j = 0; j < hb; ++j) {
+      const int64_t h = h0 + j;
+      const T* gr = gp + (b * hb + j) * Lz;
+      for (int64_t t = t0; t < t1; ++t) op[(b * L + t) * H + h] = gr[t];
+      if (!D) continue;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* zr = zp + ((b * hb + j) * M + m) * Lz;
+        const T d = D[h * M + m];
+        double acc = 0;
+        for (int64_t t = t0; t < t1; ++t) {
+          const T uv = up[(b * L + t) * H + h];
+          op[(b * L + t) * H + h] += d * zr[t];
+          acc += double(zr[t]) * uv;
+        }
+        gD_partial[(task * hb + j) * M + m] = acc;
+      }
+    }
   });
 }
 
@@ -107,13 +174,15 @@ at::Tensor forward_cpu(const at::Tensor& u_in, const at::Tensor& K_in, const std
     const int64_t hb = std::min(block, H - h0);
     std::optional<at::Tensor> Kr;
     if (K_reverse_in.has_value()) Kr = K_reverse_in->narrow(0, h0, hb);
-    const auto U = at::fft_rfft(time_last(u.narrow(2, h0, hb)), 2 * L, -1);
-    const auto Kf = at::fft_rfft(full_kernel(K_in.narrow(0, h0, hb), Kr, L), 2 * L, -1);
-    const auto conv = block_conv(U, Kf, L);
+    const auto U = at::fft_rfft(padded_time_last(u.narrow(2, h0, hb)), std::nullopt, -1);
+    const auto Kf = at::fft_rfft(full_kernel(K_in.narrow(0, h0, hb), Kr, L), std::nullopt, -1);
+    const auto z = block_conv(U, Kf, L);
     AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv", [&] {
-      epilogue<scalar_t>(conv, u, D ? D->const_data_ptr<scalar_t>() : nullptr, act, h0, y);
+      skip_pass<scalar_t>(z, u, D ? D->const_data_ptr<scalar_t>() : nullptr, h0, y);
     });
   }
+  // ATen's GELU: vectorised erf (a scalar erf per element in the pass above took 10x as long)
+  if (act == 1) at::gelu_out(y, y);
   return y;
 }
 
@@ -130,31 +199,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, L, H, M}), "causal_conv_backward: grad must have shape (B, L, H, M)");
   auto gu = at::empty_like(u);
   auto gK = at::empty_like(K_in, at::MemoryFormat::Contiguous);
-  auto gD = D_in.has_value() ? at::empty_like(*D_in, at::MemoryFormat::Contiguous) : u.new_empty({0});
+  const auto D = D_in.has_value() ? std::optional<at::Tensor>(D_in->contiguous()) : std::nullopt;
+  auto gD = D.has_value() ? at::empty_like(*D) : u.new_empty({0});
   auto gKr = K_reverse_in.has_value() ? at::empty_like(*K_reverse_in, at::MemoryFormat::Contiguous) : u.new_empty({0});
-  const int64_t block = block_features(B, L, H, M);
+  if (u.numel() == 0 || M == 0) {
+    gu.zero_(), gK.zero_(), gD.zero_(), gKr.zero_();
+    return {gu, gK, gD, gKr};
+  }
+  const int64_t block = block_features(B, L, H, M), tiles = B * ((L + kTimeTile - 1) / kTimeTile);
   for (int64_t h0 = 0; h0 < H; h0 += block) {
     const int64_t hb = std::min(block, H - h0);
     std::optional<at::Tensor> Kr;
     if (K_reverse_in.has_value()) Kr = K_reverse_in->narrow(0, h0, hb);
-    const auto k_block = full_kernel(K_in.narrow(0, h0, hb), Kr, L);  // (hb, M, 2L)
-    const auto u_block = u.narrow(2, h0, hb);                           // (B, L, hb)
-    const auto ut = time_last(u_block);                                 // (B, hb, L)
-    const auto U = at::fft_rfft(ut, 2 * L, -1);       // (B, hb, L + 1)
-    const auto Kf = at::fft_rfft(k_block, 2 * L, -1);  // (hb, M, L + 1)
-    auto g = grad.narrow(2, h0, hb);                    // (B, L, hb, M)
+    const auto U = at::fft_rfft(padded_time_last(u.narrow(2, h0, hb)), std::nullopt, -1);      // (B, hb, L + 1)
+    const auto Kf = at::fft_rfft(full_kernel(K_in.narrow(0, h0, hb), Kr, L), std::nullopt, -1);  // (hb, M, L + 1)
+    // gz: the gradient of the pre-activation, time-last (B, hb, M, 2L), zero past L
+    auto gz = padded_time_last(grad.narrow(2, h0, hb).flatten(2)).view({B, hb, M, 2 * L});
     if (act == 1) {
-      // g <- g * gelu'(z), z = conv + D u recomputed from the same spectra
-      auto z = block_conv(U, Kf, L);
-      if (D_in.has_value()) z = z + D_in->narrow(0, h0, hb) * u_block.unsqueeze(-1);
-      g = g * (0.5 * (1 + at::erf(z * M_SQRT1_2)) + z * at::exp(-0.5 * z * z) * (0.5 * M_2_SQRTPI * M_SQRT1_2));
+      auto z = block_conv(U, Kf, L);  // recomputed from the spectra: the forward saved nothing of this size
+      if (D.has_value())
+        AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv_backward",
+                                   [&] { add_skip_in_place<scalar_t>(z, u, D->const_data_ptr<scalar_t>(), h0, L); });
+      gz = at::gelu_backward(gz, z);  // past L, gz is 0 and stays 0
     }
-    const auto G = at::fft_rfft(g.permute({0, 2, 3, 1}).contiguous(), 2 * L, -1);  // (B, hb, M, L + 1)
-    // grad u[l] = sum_m sum_p K_full[p] g[l + p]: a correlation, conj(K) G
-    auto gu_block = at::fft_irfft((G * Kf.conj()).sum(2), 2 * L, -1).narrow(-1, 0, L).transpose(1, 2);  // (B, L, hb)
-    if (D_in.has_value()) gu_block = gu_block + (g * D_in->narrow(0, h0, hb)).sum(-1);
-    gu.narrow(2, h0, hb).copy_(gu_block);
-    // grad K_full[p] = sum_b sum_l g[l] u[l - p mod 2L]: conj(U) G summed over the batch
+    const auto G = at::fft_rfft(gz, std::nullopt, -1);  // (B, hb, M, L + 1)
+    // grad u[t] = sum_m sum_p K_full[p] gz[t + p]: a correlation, conj(K) G
+    const auto gu_t = at::fft_irfft((G * Kf.conj()).sum(2), 2 * L, -1);  // (B, hb, 2L)
+    auto gD_partial = at::zeros({tiles, hb, M}, u.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv_backward", [&] {
+      input_gradient_pass<scalar_t>(gu_t, gz, u, D ? D->const_data_ptr<scalar_t>() : nullptr, h0, gu,
+                                    gD_partial.mutable_data_ptr<double>());
+    });
+    // grad K_full[p] = sum_b sum_t gz[t] u[t - p mod 2L]: conj(U) G summed over the batch
     const auto gk_full = at::fft_irfft((G * U.conj().unsqueeze(2)).sum(0), 2 * L, -1);  // (hb, M, 2L)
     gK.narrow(0, h0, hb).copy_(gk_full.narrow(-1, 0, Lk));
     if (K_reverse_in.has_value()) {
@@ -162,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       // K_reverse[s] sat at 2L - 1 - s
       gKr.narrow(0, h0, hb).copy_(gk_full.narrow(-1, 2 * L - Lr, Lr).flip({-1}));
     }
-    if (D_in.has_value()) gD.narrow(0, h0, hb).copy_((g * u_block.unsqueeze(-1)).sum(at::IntArrayRef{0, 1}));
+    if (D.has_value()) gD.narrow(0, h0, hb).copy_(gD_partial.sum(0));  // tiles summed in a fixed order
   }
   return {gu, gK, gD, gKr};
 }
