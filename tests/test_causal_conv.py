@@ -32,12 +32,16 @@ def run(fn, args, grad):
     return [y, *torch.autograd.grad(y, given, grad)]
 
 
+# The op takes the direct Toeplitz product up to L = 128 and the FFT above: cases on both sides.
 CASES = [  # (B, L, H, M, Lk, with D, activation, with K_reverse)
     (2, 33, 3, 1, 33, True, None, False),
     (1, 40, 17, 2, 25, True, "gelu", False),
     (3, 7, 2, 1, 7, False, None, True),
     (2, 50, 5, 2, 50, True, "gelu", True),
     (1, 1, 1, 1, 1, True, None, False),
+    (1, 128, 3, 1, 128, True, "gelu", True),
+    (2, 129, 3, 2, 97, True, "gelu", True),
+    (1, 200, 4, 1, 200, False, None, False),
 ]
 
 
@@ -66,6 +70,11 @@ def test_gradcheck_float64():
     Kr = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: causal_conv(a[0], a[1], a[2], "gelu", a[3]), (u, K, D, Kr))
     assert torch.autograd.gradcheck(lambda u, K: causal_conv(u, K), (u, K))
+    # the FFT path (L > 128)
+    u = torch.randn(1, 130, 2, dtype=torch.float64, requires_grad=True)
+    K, Kr = (torch.randn(2, 1, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    D = torch.randn(2, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: causal_conv(a[0], a[1], a[2], "gelu", a[3]), (u, K, D, Kr))
 
 
 def test_blocks_of_features_and_the_reference():

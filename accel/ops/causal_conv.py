@@ -2,7 +2,8 @@
 activation fused into the output pass.
 
 Flow: causal_conv (checks) -> torch.ops.accel.causal_conv -> C++ kernel on the CPU (csrc/cpu/causal_conv.cpp:
-features in blocks, so the spectra in flight are those of one block), cuFFT with Triton passes around it on
+FFTs of length 2L with features in blocks, so the spectra in flight are those of one block; up to L = 128
+with one channel, the direct sum over lags, which is faster there), cuFFT with Triton passes around it on
 CUDA (kernels/causal_conv.py), the reference elsewhere. The backward
 is the op accel::causal_conv_backward, which recomputes the pre-activation instead of saving it.
 """

@@ -20,6 +20,11 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace accel {
 namespace {
@@ -160,15 +165,228 @@ void input_gradient_pass(const at::Tensor& gu_t, const at::Tensor& gz, const at:
   });
 }
 
+// ---- Short sequences: the direct sum over lags ----
+//
+// Up to kDirectMaxLength steps (and M = 1), y[t] = sum_d kc[d] u[t - d] over the lags d of the combined kernel
+// (kc[d] = K[d] for d >= 0, K_reverse[-d - 1] for d < 0) is summed directly: B L (Lk + Lr) H multiply-adds,
+// vectorised over features, instead of three FFTs of length 2L and the passes between layouts. Every pass
+// here (the forward, the input gradient and the kernel gradient) is a correlation of lag rows with a
+// zero-padded, batch-first input, out[t] = sum_q w[q] x[t + q] or its transpose, so one blocked kernel of
+// each form serves them all. Measured on 2 AVX2 cores at B = 16, H = 256, with D and GELU, fwd / fwd+bwd in
+// ms, FFT against direct: L = 32: 1.6 / 5.9 against 1.3 / 3.4; L = 64: 3.1 / 9.5 against 1.6 / 6.5; L = 128:
+// 5.3 / 18.0 against 3.8 / 17.0. Tried first and dropped: the same sums as ATen GEMMs against each feature's
+// L x L Toeplitz matrix, slower than the FFT path at every L from 64 up (16-column products, and the
+// matrices cost as much to build as the FFTs).
+constexpr int64_t kDirectMaxLength = 128;
+constexpr int64_t kLanes = 8;  // features per vector: 8 floats (AVX2); float64 uses the same blocking
+constexpr int64_t kRows = 8;   // output rows (steps or lags) per register block
+
+// x (B, L, H) into (B, front + L + back, Hp) with zero rows around it and Hp = H rounded up to kLanes.
+at::Tensor padded_rows(const at::Tensor& x, int64_t front, int64_t back) {
+  const int64_t B = x.size(0), L = x.size(1), H = x.size(2), Hp = (H + kLanes - 1) / kLanes * kLanes;
+  auto out = at::empty({B, front + L + back, Hp}, x.options());
+  out.narrow(1, 0, front).zero_();
+  out.narrow(1, front + L, back).zero_();
+  if (Hp > H) out.narrow(1, front, L).narrow(2, H, Hp - H).zero_();
+  out.narrow(1, front, L).narrow(2, 0, H).copy_(x);
+  return out;
+}
+
+// out rows t0 .. t0 + rows - 1 (at most kRows; out rows Hp apart) of out[t, h] = sum_{q < R} w[q, h] x[t + q, h],
+// for kLanes features: kRows x kLanes accumulators, each lag's w row loaded once per block. Portable form.
+template <typename T>
+void lag_sum_block_portable(const T* __restrict w, const T* __restrict x, int64_t R, int64_t Hp, int64_t t0,
+                                    int64_t rows, T* __restrict out) {
+  T acc[kRows][kLanes] = {};
+  for (int64_t q = 0; q < R; ++q) {
+    const T* wq = w + q * Hp;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const T* xr = x + (t0 + i + q) * Hp;
+      for (int64_t v = 0; v < kLanes; ++v) acc[i][v] += wq[v] * xr[v];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t v = 0; v < kLanes; ++v) out[i * Hp + v] = acc[i][v];
+}
+
+// acc[i][v] = sum_{t < L} g[t, h0 + v] x[t + q0 + i, h0 + v] for kRows lags from q0 and kLanes features.
+template <typename T>
+void lag_correlation_block_portable(const T* __restrict g, const T* __restrict x, int64_t L, int64_t Hp,
+                                            int64_t q0, double* __restrict total) {
+  T acc[kRows][kLanes] = {};
+  for (int64_t t = 0; t < L; ++t) {
+    const T* gt = g + t * Hp;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const T* xr = x + (t + q0 + i) * Hp;
+      for (int64_t v = 0; v < kLanes; ++v) acc[i][v] += gt[v] * xr[v];
+    }
+  }
+  for (int64_t i = 0; i < kRows; ++i)
+    for (int64_t v = 0; v < kLanes; ++v) total[i * kLanes + v] += acc[i][v];
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The float blocks with AVX2 + FMA: the kRows accumulators are eight registers of kLanes = 8 floats, so a step
+// of the sum is one load of w or g, eight loads of x and eight FMAs. Written with intrinsics: GCC's clones of
+// the portable loops keep the accumulators in memory (measured 3-4x slower).
+__attribute__((target("avx2,fma"))) void lag_sum_block_avx2(const float* w, const float* x, int64_t R, int64_t Hp,
+                                                            int64_t t0, int64_t rows, float* out) {
+  __m256 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+  const float* xq = x + t0 * Hp;
+  for (int64_t q = 0; q < R; ++q, xq += Hp) {
+    const __m256 wq = _mm256_loadu_ps(w + q * Hp);
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_fmadd_ps(wq, _mm256_loadu_ps(xq + i * Hp), acc[i]);
+  }
+  for (int64_t i = 0; i < rows; ++i) _mm256_storeu_ps(out + i * Hp, acc[i]);
+}
+
+__attribute__((target("avx2,fma"))) void lag_correlation_block_avx2(const float* g, const float* x, int64_t L,
+                                                                    int64_t Hp, int64_t q0, double* total) {
+  __m256 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+  const float* xt = x + q0 * Hp;
+  for (int64_t t = 0; t < L; ++t, xt += Hp) {
+    const __m256 gt = _mm256_loadu_ps(g + t * Hp);
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_fmadd_ps(gt, _mm256_loadu_ps(xt + i * Hp), acc[i]);
+  }
+  alignas(32) float lanes[kLanes];
+  for (int i = 0; i < kRows; ++i) {
+    _mm256_store_ps(lanes, acc[i]);
+    for (int v = 0; v < kLanes; ++v) total[i * kLanes + v] += lanes[v];
+  }
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+bool has_avx2() { return false; }
+#endif
+
+template <typename T>
+void lag_sum_block(const T* w, const T* x, int64_t R, int64_t Hp, int64_t t0, int64_t rows, T* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (std::is_same_v<T, float>)
+    if (has_avx2()) return lag_sum_block_avx2(w, x, R, Hp, t0, rows, out);
+#endif
+  lag_sum_block_portable(w, x, R, Hp, t0, rows, out);
+}
+
+template <typename T>
+void lag_correlation_block(const T* g, const T* x, int64_t L, int64_t Hp, int64_t q0, double* total) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (std::is_same_v<T, float>)
+    if (has_avx2()) return lag_correlation_block_avx2(g, x, L, Hp, q0, total);
+#endif
+  lag_correlation_block_portable(g, x, L, Hp, q0, total);
+}
+
+// out[b, t, h] = sum_q w[q, h] x[b, t + q, h] for t < L: w (R, Hp), x (B, Lp, Hp) with Lp >= L + R - 1 + kRows.
+template <typename T>
+at::Tensor lag_sum(const at::Tensor& w_in, const at::Tensor& x, int64_t L) {
+  const auto w = w_in.contiguous();
+  const int64_t R = w.size(0), Hp = w.size(1), B = x.size(0), Lp = x.size(1);
+  auto out = at::empty({B, L, Hp}, x.options());
+  const T *wp = w.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t chunks = Hp / kLanes;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / chunks, h0 = (i % chunks) * kLanes;
+      for (int64_t t0 = 0; t0 < L; t0 += kRows)
+        lag_sum_block<T>(wp + h0, xp + b * Lp * Hp + h0, R, Hp, t0, std::min(kRows, L - t0),
+                         op + (b * L + t0) * Hp + h0);
+    }
+  });
+  return out;
+}
+
+// gw[q, h] = sum_b sum_{t < L} g[b, t, h] x[b, t + q, h] for q < R, as float64: g (B, L, Hp), x (B, Lp, Hp)
+// with Lp >= L + R - 1 + kRows. Each batch element's sum in T, the batch's in float64.
+template <typename T>
+at::Tensor lag_correlation(const at::Tensor& g, const at::Tensor& x, int64_t R) {
+  const int64_t B = g.size(0), L = g.size(1), Hp = g.size(2), Lp = x.size(1);
+  auto out = at::empty({R, Hp}, g.options().dtype(at::kDouble));
+  const T *gp = g.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
+  double* op = out.mutable_data_ptr<double>();
+  const int64_t chunks = Hp / kLanes, blocks = (R + kRows - 1) / kRows;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t i0, int64_t i1) {
+    double total[kRows * kLanes];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h0 = (i % chunks) * kLanes, q0 = (i / chunks) * kRows;
+      std::fill(total, total + kRows * kLanes, 0.0);
+      for (int64_t b = 0; b < B; ++b) lag_correlation_block<T>(gp + b * L * Hp + h0, xp + b * Lp * Hp + h0, L, Hp, q0, total);
+      for (int64_t r = 0; r < kRows && q0 + r < R; ++r)
+        std::copy(total + r * kLanes, total + (r + 1) * kLanes, op + (q0 + r) * Hp + h0);
+    }
+  });
+  return out;
+}
+
+// The lag rows of the combined kernel, (Lr + Lk, Hp): row Lr + d holds kc[d] for every feature.
+at::Tensor lag_rows(const at::Tensor& K, const std::optional<at::Tensor>& K_reverse) {
+  auto k = K.select(1, 0);  // (H, Lk)
+  if (K_reverse.has_value()) k = at::cat({K_reverse->select(1, 0).flip({-1}), k}, -1);
+  return padded_rows(k.t().unsqueeze(0), 0, 0).squeeze(0);
+}
+
+bool use_direct(int64_t L, int64_t M) { return L <= kDirectMaxLength && M == 1; }
+
+// z + D u, batch-first (B, L, H, 1): the forward sum y[t] = sum_q wrev[q] u[t - Lk + 1 + q], wrev the lag rows
+// from the largest lag down.
+at::Tensor direct_pre_activation(const at::Tensor& u, const at::Tensor& K, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& K_reverse) {
+  const int64_t L = u.size(1), H = u.size(2), Lk = K.size(2);
+  const auto w = lag_rows(K, K_reverse);
+  const auto x = padded_rows(u, Lk - 1, w.size(0) + kRows);
+  at::Tensor z;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv", [&] { z = lag_sum<scalar_t>(w.flip({0}), x, L); });
+  z = z.narrow(2, 0, H).unsqueeze(-1);
+  return D.has_value() ? z + *D * u.unsqueeze(-1) : z;
+}
+
+// The direct path's gradients: with the lag rows w (row Lr + d = kc[d]) and the pre-activation's gradient gz,
+//   grad u[t] = sum_q w[q] gz[t + q - Lr] + D gz[t],   grad w[q] = sum_b sum_t gz[t] u[t + Lr - q].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_backward(
+    const at::Tensor& grad, const at::Tensor& u, const at::Tensor& K, const std::optional<at::Tensor>& D, int64_t act,
+    const std::optional<at::Tensor>& K_reverse, at::Tensor gu, at::Tensor gK, at::Tensor gD, at::Tensor gKr) {
+  const int64_t L = u.size(1), H = u.size(2), Lk = K.size(2);
+  const int64_t Lr = K_reverse.has_value() ? K_reverse->size(2) : 0;
+  auto g = grad;  // (B, L, H, 1)
+  if (act == 1) g = at::gelu_backward(g, direct_pre_activation(u, K, D, K_reverse));
+  const auto gz = g.select(3, 0);
+  const auto w = lag_rows(K, K_reverse);
+  const int64_t R = w.size(0);
+  at::Tensor gu_sum, gw_rev;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "causal_conv_backward", [&] {
+    gu_sum = lag_sum<scalar_t>(w, padded_rows(gz, Lr, R + kRows), L);
+    gw_rev = lag_correlation<scalar_t>(padded_rows(gz, 0, 0), padded_rows(u, Lk - 1, R + kRows), R);
+  });
+  gu.copy_(gu_sum.narrow(2, 0, H));
+  if (D.has_value()) gu += gz * D->select(1, 0);
+  const auto gw = gw_rev.flip({0}).narrow(1, 0, H).t();  // (H, R): column Lr + d is kc[d]'s gradient
+  gK.select(1, 0).copy_(gw.narrow(1, Lr, Lk));
+  if (K_reverse.has_value()) gKr.select(1, 0).copy_(gw.narrow(1, 0, Lr).flip({1}));
+  if (D.has_value()) gD.select(1, 0).copy_((gz.to(at::kDouble) * u).sum(at::IntArrayRef{0, 1}));
+  return {gu, gK, gD, gKr};
+}
+
 at::Tensor forward_cpu(const at::Tensor& u_in, const at::Tensor& K_in, const std::optional<at::Tensor>& D_in,
                        std::optional<c10::string_view> activation, const std::optional<at::Tensor>& K_reverse_in) {
   check(u_in, K_in, D_in, K_reverse_in);
   const int64_t act = activation_code(activation);
   const auto u = u_in.contiguous();
   const int64_t B = u.size(0), L = u.size(1), H = u.size(2), M = K_in.size(1);
+  const auto D = D_in.has_value() ? std::optional<at::Tensor>(D_in->contiguous()) : std::nullopt;
+  if (use_direct(L, M) && u.numel() > 0) {
+    auto y = direct_pre_activation(u, K_in, D, K_reverse_in).contiguous();
+    if (act == 1) at::gelu_out(y, y);
+    return y;
+  }
   auto y = at::empty({B, L, H, M}, u.options());
   if (y.numel() == 0) return y;
-  const auto D = D_in.has_value() ? std::optional<at::Tensor>(D_in->contiguous()) : std::nullopt;
   const int64_t block = block_features(B, L, H, M);
   for (int64_t h0 = 0; h0 < H; h0 += block) {
     const int64_t hb = std::min(block, H - h0);
@@ -206,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     gu.zero_(), gK.zero_(), gD.zero_(), gKr.zero_();
     return {gu, gK, gD, gKr};
   }
+  if (use_direct(L, M)) return direct_backward(grad, u, K_in, D, act, K_reverse_in, gu, gK, gD, gKr);
   const int64_t block = block_features(B, L, H, M), tiles = B * ((L + kTimeTile - 1) / kTimeTile);
   for (int64_t h0 = 0; h0 < H; h0 += block) {
     const int64_t hb = std::min(block, H - h0);
