@@ -152,3 +152,32 @@ def test_bad_input_raises_a_clear_error(call, match):
     q, k, v = inputs()
     with pytest.raises((ValueError, TypeError), match=match):
         call(q, k, v)
+
+
+def test_energy_trace_matches_the_reference_and_never_increases():
+    q, k, v = inputs(L=6, S=30, d=16, dv=4)
+    q = q * 2
+    for beta in (0.2, 1.0, 5.0):
+        out, energy = hopfield_update(q, k, v, beta, 5, return_energy=True)
+        torch.testing.assert_close(energy, reference.energy_trace(q, k, beta, 5))
+        assert (energy[1:] - energy[:-1] <= 1e-10 * energy.abs().amax()).all()
+
+
+def test_energy_with_key_padding_counts_the_stored_patterns_that_remain():
+    q, k, v = inputs(B=2, H=1, L=3, S=9, d=4, dv=4)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    _, energy = hopfield_update(q, k, v, 0.6, 2, key_padding_mask=padding, return_energy=True)
+    torch.testing.assert_close(energy[:, 1], reference.energy_trace(q[1], k[1, :, :6], 0.6, 2))
+    with pytest.raises(ValueError, match="return_energy"):
+        hopfield_update(q, k, v, 0.6, 2, mask=torch.zeros(3, 9), return_energy=True)
+
+
+def test_hopfield_energy_op_matches_the_definition_and_has_gradients():
+    from accel.ops import hopfield_energy
+    xi, X = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
+    torch.testing.assert_close(hopfield_energy(xi, X, 0.4), reference.hopfield_energy(xi, X, 0.4))
+    leaves = [xi.requires_grad_(), X.requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, b: hopfield_energy(a, b, 1.7), leaves)
+    with pytest.raises(ValueError, match="`X` must have shape"):
+        hopfield_energy(xi, X[..., :3], 1.0)

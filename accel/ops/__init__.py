@@ -3,8 +3,9 @@ from accel.ops.batch_norm_mix import batch_norm_mix
 from accel.ops.causal_conv import causal_conv
 from accel.ops.darts_pool_branches import darts_pool_branches
 from accel.ops.depthwise_conv2d import depthwise_conv2d
+from accel.ops.hopfield_energy import hopfield_energy
 from accel.ops.hopfield_update import hopfield_update
 from accel.ops.krylov_kernel import krylov_kernel
 from accel.ops.mixed_op import mixed_op
 
-__all__ = ["batch_norm_mix", "causal_conv", "darts_pool_branches", "depthwise_conv2d", "hopfield_update", "krylov_kernel", "mixed_op"]
+__all__ = ["batch_norm_mix", "causal_conv", "darts_pool_branches", "depthwise_conv2d", "hopfield_energy", "hopfield_update", "krylov_kernel", "mixed_op"]

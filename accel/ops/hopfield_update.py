@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from accel.ops._library import lib
+from accel.ops.hopfield_energy import energy_from_lse
 
 lib.define("hopfield_update(Tensor q, Tensor k, Tensor v, Tensor beta, int steps, Tensor? mask, float? eps, "
            "bool return_association) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -26,7 +27,7 @@ _BLOCK_ELEMENTS = 1 << 24  # logits of one block of rows: at most this many valu
 
 def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps: int = 1, *,
                     mask: Tensor | None = None, key_padding_mask: Tensor | None = None, eps: float | None = None,
-                    return_association: bool = False):
+                    return_association: bool = False, return_energy: bool = False):
     """``steps`` Hopfield updates q <- softmax(beta q k^T) k, then the retrieval softmax(beta q k^T) v.
 
     Args:
@@ -41,8 +42,11 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
         eps: the per-row stopping rule: a row stops updating once an update changed its association by
             less than eps (Euclidean norm over the S weights); None updates every row ``steps`` times.
         return_association: also return the final association (B, H, L, S) (not differentiable).
+        return_energy: also return the energy E(q_t) of every state pattern at every step, (steps + 1, B, H, L),
+            read off the saved log-sum-exps (no extra pass; for monitoring, not differentiable). With
+            key_padding_mask, N and M count the stored patterns that are not padding; not defined with `mask`.
 
-    Returns out (B, H, L, dv), or (out, association).
+    Returns out (B, H, L, dv), followed by the association and the energies when asked for.
     """
     op = "hopfield_update"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -72,11 +76,29 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
         beta = torch.tensor(float(beta), dtype=q.dtype, device=q.device)
     else:
         raise ValueError(f"{op}: `beta` must be a finite number or a tensor, got {beta!r}")
+    if return_energy and mask is not None:
+        raise ValueError(f"{op}: `return_energy` is defined for all stored patterns or key padding, not with `mask`")
     additive = _additive_mask(op, mask, key_padding_mask, (B, H, L, S), q)
-    out, association, _, _, _ = torch.ops.accel.hopfield_update(q, k, v, beta.to(q.dtype), steps, additive,
-                                                                None if eps is None else float(eps),
-                                                                return_association)
-    return (out, association) if return_association else out
+    out, association, saved_q, lse, _ = torch.ops.accel.hopfield_update(q, k, v, beta.to(q.dtype), steps, additive,
+                                                                        None if eps is None else float(eps),
+                                                                        return_association)
+    results = [out]
+    if return_association:
+        results.append(association)
+    if return_energy:
+        results.append(_energies(saved_q.detach(), lse.detach(), k.detach(), beta.detach(), key_padding_mask))
+    return tuple(results) if len(results) > 1 else out
+
+
+def _energies(saved_q, lse, k, beta, key_padding_mask):
+    """E(q_t) per row and step from the saved log-sum-exps (accel.ops.hopfield_energy's formula)."""
+    norms = k.norm(dim=-1)  # (B or 1, H, S)
+    count = torch.full(norms.shape[:2], float(k.shape[2]), dtype=k.dtype, device=k.device)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.to(k.device)[:, None, :]
+        norms = torch.where(keep, norms, 0.0)
+        count = keep.sum(-1).to(k.dtype).expand(-1, k.shape[1])
+    return energy_from_lse(lse, saved_q, norms, count, beta)
 
 
 def _additive_mask(op, mask, key_padding_mask, shape, q):
