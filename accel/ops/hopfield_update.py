@@ -4,9 +4,11 @@ without keeping any L x S association for autograd.
 Flow: hopfield_update (checks, masks) -> torch.ops.accel.hopfield_update, which returns with the output what
 the backward needs: the state patterns q_t of every step and the row log-sum-exp of each step's logits
 (O(steps L d), not O(steps L S)), and how many updates each row took. The backward is the op
-accel::hopfield_update_backward: it recomputes each step's association from q_t and its log-sum-exp, and
-runs the steps backwards (FlashAttention's recomputation). Both run over blocks of rows, so at most one block's L x S logits exist at a time.
-The kernels are PyTorch on every device for now: matrix products and one softmax per step.
+accel::hopfield_update_backward: it recomputes each step's association from q_t and runs the steps
+backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
+The kernels are PyTorch on every device for now: matrix products and one softmax per step. The saved
+log-sum-exps give the energy trace, and are what kernels that split the rows' S stored patterns into blocks
+need to recompute P (FlashAttention's scheme).
 """
 import math
 
@@ -136,8 +138,18 @@ def _row_blocks(B, H, L, S):
 
 def _mask_rows(mask, rows):
     if mask is None:
-        return 0.0
+        return None
     return mask[:, :, rows] if mask.shape[2] != 1 else mask
+
+
+def _association(qt, kt, beta, m):
+    """P = softmax(beta q k^T + m) and its row log-sum-exp, read off P's largest entry (max - log max P: no
+    second pass of exponentials; torch.logsumexp and exp(logits - lse) took 3x the fused softmax here)."""
+    logits = (beta * qt) @ kt  # beta scales the L x d side, not the L x S one
+    if m is not None:
+        logits = logits + m
+    p = torch.softmax(logits, dim=-1)
+    return p, logits.amax(-1) - torch.log(p.amax(-1))
 
 
 def _forward(q, k, v, beta, steps, mask, eps, return_association):
@@ -156,9 +168,7 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association):
         previous = None
         for t in range(steps + 1):
             saved_q[t, :, :, rows] = qt
-            logits = beta * (qt @ kt) + m
-            lse[t, :, :, rows] = row_lse = torch.logsumexp(logits, dim=-1)
-            p = torch.exp(logits - row_lse.unsqueeze(-1))
+            p, lse[t, :, :, rows] = _association(qt, kt, beta, m)
             if t == steps:
                 out[:, :, rows] = p @ v
                 if return_association:
@@ -184,37 +194,41 @@ def _backward(grad, q, k, v, beta, mask, saved_q, lse, taken):
     kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
 
     def softmax_backward(p, dp):
-        # the block's P is in memory, so the row term is rowsum(dP P) as autograd forms it (g . out, the
-        # FlashAttention form, rounds differently in float32: beta's gradient missed the numerics rule)
-        return p * (dp - (dp * p).sum(-1, keepdim=True))
+        """dS = P (dP - rowsum(dP P)), in place in dP."""
+        return dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
 
     for rows in _row_blocks(B, H, L, S):
         m = _mask_rows(mask, rows)
 
-        def association(t):
-            """q_t k^T and P_t of step t, recomputed from q_t and the row log-sum-exp."""
-            qk = saved_q[t, :, :, rows] @ kt
-            return qk, torch.exp(beta * qk + m - lse[t, :, :, rows].unsqueeze(-1))
-
-        def logits_backward(t, qk, ds):
-            """What dS (the logits' gradient) gives beta and k; returns it as q_t's gradient."""
+        def logits_backward(t, ds):
+            """What dS (the logits' gradient) gives beta and k; returns it as q_t's gradient. With
+            logits = beta q k^T + m: d beta = sum dS q k^T = sum_rows q . (dS k)."""
             nonlocal grad_beta
-            grad_beta = grad_beta + (ds * qk).sum(dtype=torch.float64)
-            grad_k.add_(beta * (ds.transpose(-1, -2) @ saved_q[t, :, :, rows]))
-            return beta * (ds @ k)
+            q_t = saved_q[t, :, :, rows]
+            ds_k = ds @ k
+            grad_beta = grad_beta + (q_t * ds_k).sum(dtype=torch.float64)
+            grad_k.add_(ds.transpose(-1, -2) @ (beta * q_t))
+            return beta * ds_k
+
+        def association(t):
+            """P of step t, recomputed from q_t (whole rows: a plain softmax)."""
+            logits = (beta * saved_q[t, :, :, rows]) @ kt
+            if m is not None:
+                logits = logits + m
+            return torch.softmax(logits, dim=-1)
 
         # the retrieval out = P_T V
         g = grad[:, :, rows]
-        qk, p = association(steps)
+        p = association(steps)
         grad_v.add_(p.transpose(-1, -2) @ g)
-        dq = logits_backward(steps, qk, softmax_backward(p, g @ vt))
+        dq = logits_backward(steps, softmax_backward(p, g @ vt))
         for t in range(steps - 1, -1, -1):
             # q_{t+1} = P_t k for the rows still updating at step t; the rows that had stopped carry dq through
             active = (taken[:, :, rows] > t).unsqueeze(-1)
             dq_next = torch.where(active, dq, 0.0)
-            qk, p = association(t)
+            p = association(t)
             grad_k.add_(p.transpose(-1, -2) @ dq_next)
-            dq = torch.where(active, logits_backward(t, qk, softmax_backward(p, dq_next @ kt)), dq)
+            dq = torch.where(active, logits_backward(t, softmax_backward(p, dq_next @ kt)), dq)
         grad_q[:, :, rows] = dq
     if k.shape[0] == 1 and B != 1:  # stored patterns shared by the batch
         grad_k, grad_v = grad_k.sum(0, keepdim=True), grad_v.sum(0, keepdim=True)
