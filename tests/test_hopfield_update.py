@@ -127,7 +127,9 @@ def test_opcheck_and_compile():
     q, k, v = (t.requires_grad_() for t in inputs(L=4, S=5, d=3, dv=2))
     beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
-    for args in ((q, k, v, beta, 2, mask, 1e-3, True), (q, k, v, beta, 0, None, None, False)):
+    q_strided = torch.randn(2, 3, 3, 4, dtype=torch.float64).transpose(-1, -2).requires_grad_()  # (2, 3, 4, 3)
+    for args in ((q, k, v, beta, 2, mask, 1e-3, True), (q, k, v, beta, 0, None, None, False),
+                 (q_strided, k, v, beta, 1, None, None, False)):
         torch.library.opcheck(torch.ops.accel.hopfield_update.default, args)
     compiled = torch.compile(lambda q, k, v, b: hopfield_update(q, k, v, b, 3).sum(), fullgraph=True,
                              backend="aot_eager")

@@ -187,7 +187,7 @@ def _backward(grad, q, k, v, beta, mask, saved_q, lse, taken):
     steps = saved_q.shape[0] - 1
     B, H, L, d = q.shape
     S = k.shape[2]
-    grad_q = torch.empty_like(q)
+    grad_q = q.new_empty(q.shape)  # contiguous, like every output here and in the fake kernels
     grad_k = k.new_zeros(B, H, S, d)
     grad_v = v.new_zeros(B, H, S, v.shape[3])
     grad_beta = torch.zeros((), dtype=torch.float64, device=q.device)
@@ -260,7 +260,7 @@ def _fake(q, k, v, beta, steps, mask, eps, return_association):
 
 @torch.library.register_fake("accel::hopfield_update_backward")
 def _backward_fake(grad, q, k, v, beta, mask, saved_q, lse, taken):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
 
 
 def _setup_context(ctx, inputs, output):
