@@ -2,13 +2,11 @@
 without keeping any L x S association for autograd.
 
 Flow: hopfield_update (checks, masks) -> torch.ops.accel.hopfield_update, which returns with the output what
-the backward needs: the state patterns q_t of every step and the row log-sum-exp of each step's logits
-(O(steps L d), not O(steps L S)), and how many updates each row took. The backward is the op
+the backward needs: the state pattern q_t of every step (O(steps L d), not O(steps L S)) and how many updates
+each row took; and, for the energy trace, each step's row log-sum-exp. The backward is the op
 accel::hopfield_update_backward: it recomputes each step's association from q_t and runs the steps
 backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
-The kernels are PyTorch on every device for now: matrix products and one softmax per step. The saved
-log-sum-exps give the energy trace, and are what kernels that split the rows' S stored patterns into blocks
-need to recompute P (FlashAttention's scheme).
+The kernels are PyTorch on every device for now: matrix products and one softmax per step.
 """
 import math
 
@@ -19,9 +17,9 @@ from accel.ops._library import lib
 from accel.ops.hopfield_energy import energy_from_lse
 
 lib.define("hopfield_update(Tensor q, Tensor k, Tensor v, Tensor beta, int steps, Tensor? mask, float? eps, "
-           "bool return_association) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "bool return_association, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 lib.define("hopfield_update_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? mask, "
-           "Tensor saved_q, Tensor lse, Tensor taken) -> (Tensor, Tensor, Tensor, Tensor)")
+           "Tensor saved_q, Tensor taken) -> (Tensor, Tensor, Tensor, Tensor)")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _BLOCK_ELEMENTS = 1 << 24  # logits of one block of rows: at most this many values (64 MiB in float32)
@@ -83,7 +81,7 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
     additive = _additive_mask(op, mask, key_padding_mask, (B, H, L, S), q)
     out, association, saved_q, lse, _ = torch.ops.accel.hopfield_update(q, k, v, beta.to(q.dtype), steps, additive,
                                                                         None if eps is None else float(eps),
-                                                                        return_association)
+                                                                        return_association, return_energy)
     results = [out]
     if return_association:
         results.append(association)
@@ -142,21 +140,22 @@ def _mask_rows(mask, rows):
     return mask[:, :, rows] if mask.shape[2] != 1 else mask
 
 
-def _association(qt, kt, beta, m):
-    """P = softmax(beta q k^T + m) and its row log-sum-exp, read off P's largest entry (max - log max P: no
-    second pass of exponentials; torch.logsumexp and exp(logits - lse) took 3x the fused softmax here)."""
+def _logits(qt, kt, beta, m):
     logits = (beta * qt) @ kt  # beta scales the L x d side, not the L x S one
-    if m is not None:
-        logits = logits + m
-    p = torch.softmax(logits, dim=-1)
-    return p, logits.amax(-1) - torch.log(p.amax(-1))
+    return logits if m is None else logits + m
 
 
-def _forward(q, k, v, beta, steps, mask, eps, return_association):
+def _association(qt, kt, beta, m):
+    """P = softmax(beta q k^T + m): whole rows, one fused softmax (torch.logsumexp followed by
+    exp(logits - lse) took 3x as long here)."""
+    return torch.softmax(_logits(qt, kt, beta, m), dim=-1)
+
+
+def _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse):
     B, H, L, d = q.shape
     S = k.shape[2]
     saved_q = q.new_empty(steps + 1, B, H, L, d)
-    lse = q.new_empty(steps + 1, B, H, L)
+    lse = q.new_empty(steps + 1, B, H, L) if return_lse else q.new_empty(0)
     taken = torch.zeros(B, H, L, dtype=torch.long, device=q.device)
     out = q.new_empty(B, H, L, v.shape[3])
     association = q.new_empty(B, H, L, S) if return_association else q.new_empty(0)
@@ -168,7 +167,9 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association):
         previous = None
         for t in range(steps + 1):
             saved_q[t, :, :, rows] = qt
-            p, lse[t, :, :, rows] = _association(qt, kt, beta, m)
+            p = _association(qt, kt, beta, m)
+            if return_lse:  # max - log max P: no second pass of exponentials
+                lse[t, :, :, rows] = _logits(qt, kt, beta, m).amax(-1) - torch.log(p.amax(-1))
             if t == steps:
                 out[:, :, rows] = p @ v
                 if return_association:
@@ -183,7 +184,7 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association):
     return out, association, saved_q, lse, taken
 
 
-def _backward(grad, q, k, v, beta, mask, saved_q, lse, taken):
+def _backward(grad, q, k, v, beta, mask, saved_q, taken):
     steps = saved_q.shape[0] - 1
     B, H, L, d = q.shape
     S = k.shape[2]
@@ -211,11 +212,8 @@ def _backward(grad, q, k, v, beta, mask, saved_q, lse, taken):
             return beta * ds_k
 
         def association(t):
-            """P of step t, recomputed from q_t (whole rows: a plain softmax)."""
-            logits = (beta * saved_q[t, :, :, rows]) @ kt
-            if m is not None:
-                logits = logits + m
-            return torch.softmax(logits, dim=-1)
+            """P of step t, recomputed from q_t."""
+            return _association(saved_q[t, :, :, rows], kt, beta, m)
 
         # the retrieval out = P_T V
         g = grad[:, :, rows]
@@ -235,14 +233,14 @@ def _backward(grad, q, k, v, beta, mask, saved_q, lse, taken):
     return grad_q, grad_k, grad_v, grad_beta.to(beta.dtype)
 
 
-def _forward_kernel(q, k, v, beta, steps, mask, eps, return_association):
+def _forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse):
     with torch.no_grad():
-        return _forward(q, k, v, beta, steps, mask, eps, return_association)
+        return _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse)
 
 
-def _backward_kernel(grad, q, k, v, beta, mask, saved_q, lse, taken):
+def _backward_kernel(grad, q, k, v, beta, mask, saved_q, taken):
     with torch.no_grad():
-        return _backward(grad.contiguous(), q, k, v, beta, mask, saved_q, lse, taken)
+        return _backward(grad.contiguous(), q, k, v, beta, mask, saved_q, taken)
 
 
 lib.impl("hopfield_update", _forward_kernel, "CompositeExplicitAutograd")
@@ -250,30 +248,31 @@ lib.impl("hopfield_update_backward", _backward_kernel, "CompositeExplicitAutogra
 
 
 @torch.library.register_fake("accel::hopfield_update")
-def _fake(q, k, v, beta, steps, mask, eps, return_association):
+def _fake(q, k, v, beta, steps, mask, eps, return_association, return_lse):
     B, H, L, d = q.shape
     S = k.shape[2]
     association = q.new_empty(B, H, L, S) if return_association else q.new_empty(0)
-    return (q.new_empty(B, H, L, v.shape[3]), association, q.new_empty(steps + 1, B, H, L, d),
-            q.new_empty(steps + 1, B, H, L), q.new_empty(B, H, L, dtype=torch.long))
+    lse = q.new_empty(steps + 1, B, H, L) if return_lse else q.new_empty(0)
+    return (q.new_empty(B, H, L, v.shape[3]), association, q.new_empty(steps + 1, B, H, L, d), lse,
+            q.new_empty(B, H, L, dtype=torch.long))
 
 
 @torch.library.register_fake("accel::hopfield_update_backward")
-def _backward_fake(grad, q, k, v, beta, mask, saved_q, lse, taken):
+def _backward_fake(grad, q, k, v, beta, mask, saved_q, taken):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, steps, mask, eps, return_association = inputs
+    q, k, v, beta, steps, mask, eps, return_association, return_lse = inputs
     _, association, saved_q, lse, taken = output
     ctx.mark_non_differentiable(association, saved_q, lse, taken)
-    ctx.save_for_backward(q, k, v, beta, mask, saved_q, lse, taken)
+    ctx.save_for_backward(q, k, v, beta, mask, saved_q, taken)
 
 
 def _autograd_backward(ctx, grad, *unused):
-    q, k, v, beta, mask, saved_q, lse, taken = ctx.saved_tensors
-    gq, gk, gv, gbeta = torch.ops.accel.hopfield_update_backward(grad, q, k, v, beta, mask, saved_q, lse, taken)
-    return gq, gk, gv, gbeta, None, None, None, None
+    q, k, v, beta, mask, saved_q, taken = ctx.saved_tensors
+    gq, gk, gv, gbeta = torch.ops.accel.hopfield_update_backward(grad, q, k, v, beta, mask, saved_q, taken)
+    return gq, gk, gv, gbeta, None, None, None, None, None
 
 
 torch.library.register_autograd("accel::hopfield_update", _autograd_backward, setup_context=_setup_context)
