@@ -7,8 +7,6 @@ import torch
 from accel import _extension
 from accel.ops import _library
 
-OPS = ["mixed_op", "mixed_op_backward", "depthwise_conv2d", "depthwise_conv2d_backward", "darts_pool_branches",
-       "darts_pool_branches_backward"]
 CPU_FEATURES = ["avx2", "fma", "popcnt", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "bmi2"]
 
 
@@ -34,13 +32,24 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def ops() -> list[str]:
+    """Every op in the accel namespace (forward and backward), by name."""
+    import accel.ops  # noqa: F401  (defines them)
+
+    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("accel::"))
+
+
 def backend(op: str, key: str) -> str:
     """Which implementation the dispatcher runs for accel::<op> under dispatch key ``key`` (CPU, CUDA)."""
-    for line in torch._C._dispatch_dump(f"accel::{op}").splitlines():
+    lines = torch._C._dispatch_dump(f"accel::{op}").splitlines()
+    for line in lines:
         if line.startswith(f"{key}:"):
             if ".py:" not in line:  # registered from csrc/ by accel._C
                 return "C++ (accel._C)" if key == "CPU" else "CUDA (accel._C)"
             return "Triton" if key == "CUDA" and _library.triton_available() else "reference (PyTorch)"
+    if any(line.startswith("CompositeExplicitAutograd") for line in lines):
+        return "PyTorch (every device)"
     return "none"
 
 
@@ -60,7 +69,7 @@ def main(argv=None) -> int:
     else:
         print(f"extension    NOT loaded ({_extension.LOAD_ERROR}); rebuild: {_extension.REBUILD_COMMAND}")
     print("\nbackends:")
-    for op in OPS:
+    for op in ops():
         cuda = backend(op, "CUDA") + ("" if torch.cuda.is_available() else " (no CUDA device here)")
         print(f"  {op:<30} cpu: {backend(op, 'CPU'):<22} cuda: {cuda}")
     return 0
