@@ -6,14 +6,16 @@ the backward needs: the state pattern q_t of every step (O(steps L d), not O(ste
 each row took; and, for the energy trace, each step's row log-sum-exp. The backward is the op
 accel::hopfield_update_backward: it recomputes each step's association from q_t and runs the steps
 backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
-The kernels are PyTorch on every device for now: matrix products and one softmax per step.
+The kernels: on CUDA, a Triton forward that runs all steps in registers with an online softmax
+(kernels/hopfield_update.py) where it covers the call; elsewhere, and for the backward, PyTorch: matrix
+products and one softmax per step.
 """
 import math
 
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib
+from accel.ops._library import lib, triton_available, triton_kernel
 from accel.ops.hopfield_energy import energy_from_lse
 
 lib.define("hopfield_update(Tensor q, Tensor k, Tensor v, Tensor beta, int steps, Tensor? mask, float? eps, "
@@ -243,8 +245,23 @@ def _backward_kernel(grad, q, k, v, beta, mask, saved_q, taken):
         return _backward(grad.contiguous(), q, k, v, beta, mask, saved_q, taken)
 
 
+_triton_supports = triton_kernel("hopfield_update", "supports")
+_triton_forward = triton_kernel("hopfield_update", "forward")
+
+
+def _cuda_forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse):
+    """The Triton forward where it covers the call (kernels/hopfield_update.py), else the PyTorch one."""
+    if not _triton_supports(q, eps, return_association, return_lse):
+        return _forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse)
+    out, saved_q = _triton_forward(q, k, v, beta, steps, mask)
+    taken = torch.full(q.shape[:3], steps, dtype=torch.long, device=q.device)  # no stopping rule: every step
+    return out, q.new_empty(0), saved_q, q.new_empty(0), taken
+
+
 lib.impl("hopfield_update", _forward_kernel, "CompositeExplicitAutograd")
 lib.impl("hopfield_update_backward", _backward_kernel, "CompositeExplicitAutograd")
+if triton_available():
+    lib.impl("hopfield_update", _cuda_forward_kernel, "CUDA")
 
 
 @torch.library.register_fake("accel::hopfield_update")
