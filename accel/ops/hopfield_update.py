@@ -6,9 +6,10 @@ the backward needs: the state pattern q_t of every step (O(steps L d), not O(ste
 each row took; and, for the energy trace, each step's row log-sum-exp. The backward is the op
 accel::hopfield_update_backward: it recomputes each step's association from q_t and runs the steps
 backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
-The kernels: on CUDA, a Triton forward that runs all steps in registers with an online softmax
-(kernels/hopfield_update.py) where it covers the call; elsewhere, and for the backward, PyTorch: matrix
-products and one softmax per step.
+The kernels: on the CPU, C++ (csrc/cpu/hopfield_update.cpp: one task per head, blocks of rows whose logits stay
+in cache); on CUDA, a Triton forward that runs all steps in registers with an online softmax
+(kernels/hopfield_update.py) where it covers the call; elsewhere, and for the CUDA backward, the PyTorch
+kernels below: matrix products and one softmax per step.
 """
 import math
 
