@@ -44,6 +44,8 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
         key_padding_mask: (B, S) bool, True where a stored pattern is padding.
         eps: the per-row stopping rule: a row stops updating once an update changed its association by
             less than eps (Euclidean norm over the S weights); None updates every row ``steps`` times.
+            (hflayers stops a whole head once its association matrix changes by less than eps, which needs
+            a host sync per step; here the rows of a head stop independently, and nothing syncs.)
         return_association: also return the final association (B, H, L, S) (not differentiable).
         return_energy: also return the energy E(q_t) of every state pattern at every step, (steps + 1, B, H, L),
             read off the saved log-sum-exps (no extra pass; for monitoring, not differentiable). With
