@@ -94,7 +94,9 @@ class Hopfield(nn.Module):
         eps = self.update_steps_eps
         if self.training and self.dropout > 0:
             # the update steps through the op (values = keys: its output is the last state pattern), then the
-            # retrieval with its association materialised for dropout
+            # retrieval with its association materialised for dropout. With the stopping rule, a row that
+            # stopped early comes out of the op one update further than it stopped (the op's output is
+            # P(q) k of its final q), so training with dropout and update_steps_eps may run one extra update.
             if self.update_steps_max > 0:
                 q = hopfield_update(q, k, k, beta, self.update_steps_max - 1, mask=mask, key_padding_mask=padding,
                                     eps=eps)
