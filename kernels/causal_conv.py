@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.reference.lssl import circular_kernel
+
 BLOCK_T = 64
 BLOCK_C = 32  # (h, m) columns per program
 
@@ -68,10 +70,7 @@ def _grid(B, L, HM):
 def _spectra(u, K, K_reverse):
     """U (B, H, L + 1) of u with time last and Kf (H, M, L + 1) of the length-2L circular kernel."""
     L = u.shape[1]
-    k = torch.nn.functional.pad(K, (0, 2 * L - K.shape[2]))
-    if K_reverse is not None:  # K_reverse[s] sits at 2L - 1 - s: it multiplies u[t + 1 + s]
-        k = k + torch.nn.functional.pad(K_reverse.flip(-1), (2 * L - K_reverse.shape[2], 0))
-    return torch.fft.rfft(u.transpose(1, 2), n=2 * L), torch.fft.rfft(k, n=2 * L)
+    return torch.fft.rfft(u.transpose(1, 2), n=2 * L), torch.fft.rfft(circular_kernel(K, K_reverse, L), n=2 * L)
 
 
 def _conv(U, Kf, L):

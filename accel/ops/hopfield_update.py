@@ -172,9 +172,10 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse):
         previous = None
         for t in range(steps + 1):
             saved_q[t, :, :, rows] = qt
-            p = _association(qt, kt, beta, m)
+            logits = _logits(qt, kt, beta, m)
+            p = torch.softmax(logits, dim=-1)
             if return_lse:  # max - log max P: no second pass of exponentials
-                lse[t, :, :, rows] = _logits(qt, kt, beta, m).amax(-1) - torch.log(p.amax(-1))
+                lse[t, :, :, rows] = logits.amax(-1) - torch.log(p.amax(-1))
             if t == steps:
                 out[:, :, rows] = p @ v
                 if return_association:

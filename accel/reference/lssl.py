@@ -103,6 +103,15 @@ def krylov_squaring(dA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, L: int)
     return C @ x
 
 
+def circular_kernel(K: torch.Tensor, K_reverse: torch.Tensor | None, L: int) -> torch.Tensor:
+    """Both kernels as one circular kernel of length 2L, (H, M, 2L): K[s] at s, K_reverse[s] at 2L - 1 - s (lag
+    -(s + 1)), zero elsewhere, so one product of spectra at length 2L gives both directions without wrap-around."""
+    kernel = F.pad(K, (0, 2 * L - K.shape[-1]))
+    if K_reverse is not None:
+        kernel = kernel + F.pad(K_reverse.flip(-1), (2 * L - K_reverse.shape[-1], 0))
+    return kernel
+
+
 def causal_conv(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None = None, activation: str | None = None,
                 K_reverse: torch.Tensor | None = None) -> torch.Tensor:
     """y (B, L, H, M) from u (B, L, H) and a kernel K (H, M, L'), L' <= L zero-extended:
@@ -113,13 +122,8 @@ def causal_conv(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None = None,
     by FFT at length 2L (no wrap-around); K_reverse (bidirectional layers) reaches strictly into the future.
     """
     Bsz, L, H = u.shape
-    Kf = F.pad(K, (0, L - K.shape[-1]))
-    kernel = F.pad(Kf, (0, L))
-    if K_reverse is not None:
-        Kr = F.pad(K_reverse, (0, L - K_reverse.shape[-1]))
-        kernel = kernel + F.pad(Kr.flip(-1), (L, 0))  # position 2L - 1 - s holds K_reverse[s]: lag -(s + 1)
     uf = torch.fft.rfft(u.transpose(1, 2), n=2 * L)  # (B, H, L + 1)
-    kf = torch.fft.rfft(kernel, n=2 * L)  # (H, M, L + 1)
+    kf = torch.fft.rfft(circular_kernel(K, K_reverse, L), n=2 * L)  # (H, M, L + 1)
     y = torch.fft.irfft(uf.unsqueeze(2) * kf, n=2 * L)[..., :L]  # (B, H, M, L)
     y = y.permute(0, 3, 1, 2)  # (B, L, H, M)
     if D is not None:

@@ -192,95 +192,51 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t front, int64_t back) {
   return out;
 }
 
-// out rows t0 .. t0 + rows - 1 (at most kRows; out rows Hp apart) of out[t, h] = sum_{q < R} w[q, h] x[t + q, h],
-// for kLanes features: kRows x kLanes accumulators, each lag's w row loaded once per block. Portable form.
+// Both direct passes reduce to one block: acc[i][v] = sum_{j < J} a[j, v] x[base + i + j, v] for kRows
+// consecutive i and kLanes features, rows of a and x Hp apart. The forward and the input gradient take
+// a = lag rows, j = lag, base = first step; the kernel gradient takes a = gradient rows, j = step, base =
+// first lag. Each row of a is loaded once per block and feeds kRows x kLanes accumulators. Portable form.
 template <typename T>
-void lag_sum_block_portable(const T* __restrict w, const T* __restrict x, int64_t R, int64_t Hp, int64_t t0,
-                                    int64_t rows, T* __restrict out) {
-  T acc[kRows][kLanes] = {};
-  for (int64_t q = 0; q < R; ++q) {
-    const T* wq = w + q * Hp;
+void lag_block_portable(const T* __restrict a, const T* __restrict x, int64_t J, int64_t Hp, int64_t base,
+                        T* __restrict acc) {
+  T sum[kRows][kLanes] = {};
+  for (int64_t j = 0; j < J; ++j) {
+    const T* aj = a + j * Hp;
     for (int64_t i = 0; i < kRows; ++i) {
-      const T* xr = x + (t0 + i + q) * Hp;
-      for (int64_t v = 0; v < kLanes; ++v) acc[i][v] += wq[v] * xr[v];
-    }
-  }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t v = 0; v < kLanes; ++v) out[i * Hp + v] = acc[i][v];
-}
-
-// acc[i][v] = sum_{t < L} g[t, h0 + v] x[t + q0 + i, h0 + v] for kRows lags from q0 and kLanes features.
-template <typename T>
-void lag_correlation_block_portable(const T* __restrict g, const T* __restrict x, int64_t L, int64_t Hp,
-                                            int64_t q0, double* __restrict total) {
-  T acc[kRows][kLanes] = {};
-  for (int64_t t = 0; t < L; ++t) {
-    const T* gt = g + t * Hp;
-    for (int64_t i = 0; i < kRows; ++i) {
-      const T* xr = x + (t + q0 + i) * Hp;
-      for (int64_t v = 0; v < kLanes; ++v) acc[i][v] += gt[v] * xr[v];
+      const T* xr = x + (base + i + j) * Hp;
+      for (int64_t v = 0; v < kLanes; ++v) sum[i][v] += aj[v] * xr[v];
     }
   }
   for (int64_t i = 0; i < kRows; ++i)
-    for (int64_t v = 0; v < kLanes; ++v) total[i * kLanes + v] += acc[i][v];
+    for (int64_t v = 0; v < kLanes; ++v) acc[i * kLanes + v] = sum[i][v];
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// The float blocks with AVX2 + FMA: the kRows accumulators are eight registers of kLanes = 8 floats, so a step
-// of the sum is one load of w or g, eight loads of x and eight FMAs. Written with intrinsics: GCC's clones of
-// the portable loops keep the accumulators in memory (measured 3-4x slower).
-__attribute__((target("avx2,fma"))) void lag_sum_block_avx2(const float* w, const float* x, int64_t R, int64_t Hp,
-                                                            int64_t t0, int64_t rows, float* out) {
-  __m256 acc[kRows];
-  for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
-  const float* xq = x + t0 * Hp;
-  for (int64_t q = 0; q < R; ++q, xq += Hp) {
-    const __m256 wq = _mm256_loadu_ps(w + q * Hp);
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_fmadd_ps(wq, _mm256_loadu_ps(xq + i * Hp), acc[i]);
+// The float block with AVX2 + FMA: the kRows accumulators are eight registers of kLanes = 8 floats, so a step
+// of the sum is one load of a, eight loads of x and eight FMAs. Written with intrinsics: GCC's clones of the
+// portable loop keep the accumulators in memory (measured 3-4x slower).
+__attribute__((target("avx2,fma"))) void lag_block_avx2(const float* a, const float* x, int64_t J, int64_t Hp,
+                                                        int64_t base, float* acc) {
+  __m256 sum[kRows];
+  for (int i = 0; i < kRows; ++i) sum[i] = _mm256_setzero_ps();
+  const float* xj = x + base * Hp;
+  for (int64_t j = 0; j < J; ++j, xj += Hp) {
+    const __m256 aj = _mm256_loadu_ps(a + j * Hp);
+    for (int i = 0; i < kRows; ++i) sum[i] = _mm256_fmadd_ps(aj, _mm256_loadu_ps(xj + i * Hp), sum[i]);
   }
-  for (int64_t i = 0; i < rows; ++i) _mm256_storeu_ps(out + i * Hp, acc[i]);
+  for (int i = 0; i < kRows; ++i) _mm256_storeu_ps(acc + i * kLanes, sum[i]);
 }
-
-__attribute__((target("avx2,fma"))) void lag_correlation_block_avx2(const float* g, const float* x, int64_t L,
-                                                                    int64_t Hp, int64_t q0, double* total) {
-  __m256 acc[kRows];
-  for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
-  const float* xt = x + q0 * Hp;
-  for (int64_t t = 0; t < L; ++t, xt += Hp) {
-    const __m256 gt = _mm256_loadu_ps(g + t * Hp);
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_fmadd_ps(gt, _mm256_loadu_ps(xt + i * Hp), acc[i]);
-  }
-  alignas(32) float lanes[kLanes];
-  for (int i = 0; i < kRows; ++i) {
-    _mm256_store_ps(lanes, acc[i]);
-    for (int v = 0; v < kLanes; ++v) total[i * kLanes + v] += lanes[v];
-  }
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#else
-bool has_avx2() { return false; }
 #endif
 
 template <typename T>
-void lag_sum_block(const T* w, const T* x, int64_t R, int64_t Hp, int64_t t0, int64_t rows, T* out) {
+void lag_block(const T* a, const T* x, int64_t J, int64_t Hp, int64_t base, T* acc) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (std::is_same_v<T, float>)
-    if (has_avx2()) return lag_sum_block_avx2(w, x, R, Hp, t0, rows, out);
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2) return lag_block_avx2(a, x, J, Hp, base, acc);
+  }
 #endif
-  lag_sum_block_portable(w, x, R, Hp, t0, rows, out);
-}
-
-template <typename T>
-void lag_correlation_block(const T* g, const T* x, int64_t L, int64_t Hp, int64_t q0, double* total) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (std::is_same_v<T, float>)
-    if (has_avx2()) return lag_correlation_block_avx2(g, x, L, Hp, q0, total);
-#endif
-  lag_correlation_block_portable(g, x, L, Hp, q0, total);
+  lag_block_portable(a, x, J, Hp, base, acc);
 }
 
 // out[b, t, h] = sum_q w[q, h] x[b, t + q, h] for t < L: w (R, Hp), x (B, Lp, Hp) with Lp >= L + R - 1 + kRows.
@@ -293,11 +249,14 @@ at::Tensor lag_sum(const at::Tensor& w_in, const at::Tensor& x, int64_t L) {
   T* op = out.mutable_data_ptr<T>();
   const int64_t chunks = Hp / kLanes;
   at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
+    T acc[kRows * kLanes];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / chunks, h0 = (i % chunks) * kLanes;
-      for (int64_t t0 = 0; t0 < L; t0 += kRows)
-        lag_sum_block<T>(wp + h0, xp + b * Lp * Hp + h0, R, Hp, t0, std::min(kRows, L - t0),
-                         op + (b * L + t0) * Hp + h0);
+      for (int64_t t0 = 0; t0 < L; t0 += kRows) {
+        lag_block<T>(wp + h0, xp + b * Lp * Hp + h0, R, Hp, t0, acc);
+        for (int64_t r = 0; r < kRows && t0 + r < L; ++r)
+          std::copy(acc + r * kLanes, acc + (r + 1) * kLanes, op + (b * L + t0 + r) * Hp + h0);
+      }
     }
   });
   return out;
@@ -313,11 +272,15 @@ at::Tensor lag_correlation(const at::Tensor& g, const at::Tensor& x, int64_t R) 
   double* op = out.mutable_data_ptr<double>();
   const int64_t chunks = Hp / kLanes, blocks = (R + kRows - 1) / kRows;
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t i0, int64_t i1) {
+    T acc[kRows * kLanes];
     double total[kRows * kLanes];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h0 = (i % chunks) * kLanes, q0 = (i / chunks) * kRows;
       std::fill(total, total + kRows * kLanes, 0.0);
-      for (int64_t b = 0; b < B; ++b) lag_correlation_block<T>(gp + b * L * Hp + h0, xp + b * Lp * Hp + h0, L, Hp, q0, total);
+      for (int64_t b = 0; b < B; ++b) {
+        lag_block<T>(gp + b * L * Hp + h0, xp + b * Lp * Hp + h0, L, Hp, q0, acc);
+        for (int64_t k = 0; k < kRows * kLanes; ++k) total[k] += acc[k];
+      }
       for (int64_t r = 0; r < kRows && q0 + r < R; ++r)
         std::copy(total + r * kLanes, total + (r + 1) * kLanes, op + (q0 + r) * Hp + h0);
     }

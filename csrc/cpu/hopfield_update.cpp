@@ -29,13 +29,31 @@ std::optional<at::Tensor> head_mask(const std::optional<at::Tensor>& mask, int64
   return m.select(0, m.size(0) == 1 ? 0 : b).select(0, m.size(1) == 1 ? 0 : h).expand({L, S});
 }
 
-// P = softmax(beta q k^T + mask) of a block: q (n, d), kt (d, S).
-at::Tensor association(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& beta,
-                       const std::optional<at::Tensor>& mask_rows) {
-  auto logits = at::mm(q * beta, kt);
-  if (mask_rows.has_value()) logits += *mask_rows;
-  return at::_softmax(logits, -1, false);
-}
+// One (batch, head)'s operands: its stored patterns k (S, d) and k^T (d, S) for the logits, its values v
+// (S, dv), and its (L, S) mask. Stored patterns of batch 1 are shared by every batch element.
+struct Head {
+  at::Tensor k, kt, v;
+  std::optional<at::Tensor> mask;
+
+  Head(const at::Tensor& k_all, const at::Tensor& v_all, const std::optional<at::Tensor>& mask_all, int64_t b,
+       int64_t h, int64_t L)
+      : k(k_all.select(0, k_all.size(0) == 1 ? 0 : b).select(0, h)),
+        kt(k.t().contiguous()),
+        v(v_all.select(0, v_all.size(0) == 1 ? 0 : b).select(0, h)),
+        mask(head_mask(mask_all, b, h, L, k.size(0))) {}
+
+  std::optional<at::Tensor> mask_rows(int64_t r0, int64_t n) const {
+    if (!mask.has_value()) return std::nullopt;
+    return mask->narrow(0, r0, n);
+  }
+
+  // The logits beta q k^T + mask of a block of rows q (n, d).
+  at::Tensor logits(const at::Tensor& q, const at::Tensor& beta, const std::optional<at::Tensor>& m) const {
+    auto out = at::mm(q * beta, kt);
+    if (m.has_value()) out += *m;
+    return out;
+  }
+};
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hopfield_update: q, k, v must be (B, H, rows, width)");
@@ -62,28 +80,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     at::NoGradGuard no_grad_here;  // grad mode is per thread
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      const auto kb = k.select(0, k.size(0) == 1 ? 0 : b).select(0, h);
-      const auto kt = kb.t().contiguous();
-      const auto vb = v.select(0, v.size(0) == 1 ? 0 : b).select(0, h);
-      const auto mb = head_mask(mask, b, h, L, S);
+      const Head head(k, v, mask, b, h, L);
       for (int64_t r0 = 0; r0 < L; r0 += rows) {
         const int64_t n = std::min(rows, L - r0);
-        std::optional<at::Tensor> m;
-        if (mb.has_value()) m = mb->narrow(0, r0, n);
+        const auto m = head.mask_rows(r0, n);
         auto qt = q.select(0, b).select(0, h).narrow(0, r0, n).contiguous();
         auto active = at::ones({n}, q.options().dtype(at::kBool));
         at::Tensor previous;
         for (int64_t t = 0; t <= steps; ++t) {
           saved_q.select(0, t).select(0, b).select(0, h).narrow(0, r0, n).copy_(qt);
-          const auto p = association(qt, kt, beta, m);
-          if (return_lse) {  // max - log max P: no second pass of exponentials
-            auto logits = at::mm(qt * beta, kt);
-            if (m.has_value()) logits += *m;
+          const auto logits = head.logits(qt, beta, m);
+          const auto p = at::_softmax(logits, -1, false);
+          if (return_lse)  // max - log max P: no second pass of exponentials
             lse.select(0, t).select(0, b).select(0, h).narrow(0, r0, n).copy_(
                 std::get<0>(logits.max(-1)) - at::log(std::get<0>(p.max(-1))));
-          }
           if (t == steps) {
-            out.select(0, b).select(0, h).narrow(0, r0, n).copy_(at::mm(p, vb));
+            out.select(0, b).select(0, h).narrow(0, r0, n).copy_(at::mm(p, head.v));
             if (return_association) assoc.select(0, b).select(0, h).narrow(0, r0, n).copy_(p);
             break;
           }
@@ -91,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
             if (previous.defined()) active = active & (at::linalg_vector_norm(p - previous, 2, at::IntArrayRef{-1}, false, std::nullopt) >= *eps);
             previous = p;
           }
-          qt = at::where(active.unsqueeze(-1), at::mm(p, kb), qt);
+          qt = at::where(active.unsqueeze(-1), at::mm(p, head.k), qt);
           taken.select(0, b).select(0, h).narrow(0, r0, n).add_(active);
         }
       }
@@ -117,30 +129,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     at::NoGradGuard no_grad_here;  // grad mode is per thread
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      const auto kb = k.select(0, k.size(0) == 1 ? 0 : b).select(0, h);
-      const auto kt = kb.t().contiguous();
-      const auto vb = v.select(0, v.size(0) == 1 ? 0 : b).select(0, h);
-      const auto vt = vb.t().contiguous();
-      const auto mb = head_mask(mask, b, h, L, S);
+      const Head head(k, v, mask, b, h, L);
+      const auto vt = head.v.t().contiguous();
       auto gk = grad_k.select(0, b).select(0, h);
       auto gv = grad_v.select(0, b).select(0, h);
       at::Tensor gbeta = at::zeros({}, q.options().dtype(at::kDouble));
       for (int64_t r0 = 0; r0 < L; r0 += rows) {
         const int64_t n = std::min(rows, L - r0);
-        std::optional<at::Tensor> m;
-        if (mb.has_value()) m = mb->narrow(0, r0, n);
+        const auto m = head.mask_rows(r0, n);
         auto state = [&](int64_t t) { return saved_q.select(0, t).select(0, b).select(0, h).narrow(0, r0, n); };
         // dS = P (dP - rowsum(dP P)); then beta's gradient sum q . (dS k), k's beta dS^T q, q's beta dS k
         auto logits_backward = [&](int64_t t, const at::Tensor& p, const at::Tensor& dp) {
           const auto ds = p * (dp - (dp * p).sum(at::IntArrayRef{-1}, true));
-          const auto ds_k = at::mm(ds, kb);
+          const auto ds_k = at::mm(ds, head.k);
           const auto q_t = state(t);
           gbeta += (q_t * ds_k).sum(at::kDouble);
           gk.add_(at::mm(ds.t(), q_t * beta));
           return ds_k * beta;
         };
         const auto g = grad.select(0, b).select(0, h).narrow(0, r0, n);
-        auto p = association(state(steps), kt, beta, m);
+        auto association = [&](int64_t t) { return at::_softmax(head.logits(state(t), beta, m), -1, false); };
+        auto p = association(steps);
         gv.add_(at::mm(p.t(), g));
         auto dq = logits_backward(steps, p, at::mm(g, vt));
         const auto rows_taken = taken.select(0, b).select(0, h).narrow(0, r0, n);
@@ -148,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
           // q_{t+1} = P_t k for the rows still updating at step t; the rows that had stopped carry dq through
           const auto active = (rows_taken > t).unsqueeze(-1);
           const auto dq_next = at::where(active, dq, at::zeros({}, dq.options()));
-          p = association(state(t), kt, beta, m);
+          p = association(t);
           gk.add_(at::mm(p.t(), dq_next));
-          dq = at::where(active, logits_backward(t, p, at::mm(dq_next, kt)), dq);
+          dq = at::where(active, logits_backward(t, p, at::mm(dq_next, head.kt)), dq);
         }
         grad_q.select(0, b).select(0, h).narrow(0, r0, n).copy_(dq);
       }
