@@ -112,6 +112,23 @@ def test_the_backward_keeps_no_association_matrix():
     assert max(saved) < 64 * 512  # no L x S tensor
 
 
+def test_sharp_associations_and_fully_masked_rows_behave_as_softmax():
+    # logits spread far past float32's exp range (the kernel's exp flushes e^x to 0 below -87.3), S not a
+    # multiple of the vector width, and one row with every stored pattern masked: NaN, as torch.softmax gives
+    q, k, v = inputs(B=1, H=2, L=6, S=45, d=16, dv=3)
+    mask = torch.zeros(6, 45, dtype=torch.bool)
+    mask[4] = True
+    grad = torch.randn(1, 2, 6, 3, dtype=torch.float64)
+    beta = torch.tensor(40.0, dtype=torch.float64)
+    additive = reference.additive_mask(association_mask=mask)
+    got = run(fast, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=2, mask=mask)
+    ref32 = run(slow, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=2, mask=additive.float())
+    ref64 = run(slow, q, k, v, beta, grad, steps=2, mask=additive)
+    assert got[0][:, :, 4].isnan().all() and not got[0][:, :, [0, 1, 2, 3, 5]].isnan().any()
+    keep = [0, 1, 2, 3, 5]
+    assert_by_rule(got[0][:, :, keep], ref32[0][:, :, keep], ref64[0][:, :, keep], "out of the rows not masked")
+
+
 def test_row_blocks_give_the_same_result(monkeypatch):
     q, k, v = inputs(L=10, S=6)
     grad = torch.randn(2, 3, 10, 6, dtype=torch.float64)

@@ -22,9 +22,7 @@
 #include <optional>
 #include <type_traits>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu/simd.h"
 
 namespace accel {
 namespace {
@@ -211,11 +209,11 @@ void lag_block_portable(const T* __restrict a, const T* __restrict x, int64_t J,
     for (int64_t v = 0; v < kLanes; ++v) acc[i * kLanes + v] = sum[i][v];
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(ACCEL_X86_AVX2)
 // The float block with AVX2 + FMA: the kRows accumulators are eight registers of kLanes = 8 floats, so a step
 // of the sum is one load of a, eight loads of x and eight FMAs. Written with intrinsics: GCC's clones of the
 // portable loop keep the accumulators in memory (measured 3-4x slower).
-__attribute__((target("avx2,fma"))) void lag_block_avx2(const float* a, const float* x, int64_t J, int64_t Hp,
+ACCEL_AVX2 void lag_block_avx2(const float* a, const float* x, int64_t J, int64_t Hp,
                                                         int64_t base, float* acc) {
   __m256 sum[kRows];
   for (int i = 0; i < kRows; ++i) sum[i] = _mm256_setzero_ps();
@@ -230,10 +228,9 @@ __attribute__((target("avx2,fma"))) void lag_block_avx2(const float* a, const fl
 
 template <typename T>
 void lag_block(const T* a, const T* x, int64_t J, int64_t Hp, int64_t base, T* acc) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(ACCEL_X86_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2) return lag_block_avx2(a, x, J, Hp, base, acc);
+    if (cpu_has_avx2()) return lag_block_avx2(a, x, J, Hp, base, acc);
   }
 #endif
   lag_block_portable(a, x, J, Hp, base, acc);

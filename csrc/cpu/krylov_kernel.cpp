@@ -24,9 +24,7 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu/simd.h"
 
 namespace accel {
 namespace {
@@ -70,8 +68,7 @@ void product_columns(const Product& g, int64_t j0) {
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ACCEL_AVX2 __attribute__((target("avx2,fma")))
+#if defined(ACCEL_X86_AVX2)
 
 // A ROWS x (4 VECS) tile of out at (r0, j0), its accumulators in registers across the whole sum: per step of
 // the sum, VECS loads of b and ROWS broadcasts of a feed ROWS * VECS FMAs. Written with intrinsics: GCC's
@@ -166,9 +163,8 @@ ACCEL_AVX2 void product_avx2(const Product& g) {
 #endif
 
 void product(const Product& g) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return product_avx2(g);
+#if defined(ACCEL_X86_AVX2)
+  if (cpu_has_avx2()) return product_avx2(g);
 #endif
   product_columns(g, 0);
 }
