@@ -1,8 +1,9 @@
 """Drop-in modules built on accel.ops."""
 from accel.nn import darts
+from accel.nn.binary import BinaryLinear
 from accel.nn.depthwise_conv2d import DepthwiseConv2d, use_depthwise_kernels
 from accel.nn.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
 from accel.nn.lssl import LSSL
 from accel.nn.mixed_op import MixedOp
 
-__all__ = ["DepthwiseConv2d", "Hopfield", "HopfieldLayer", "HopfieldPooling", "LSSL", "MixedOp", "darts", "use_depthwise_kernels"]
+__all__ = ["BinaryLinear", "DepthwiseConv2d", "Hopfield", "HopfieldLayer", "HopfieldPooling", "LSSL", "MixedOp", "darts", "use_depthwise_kernels"]

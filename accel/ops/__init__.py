@@ -1,5 +1,7 @@
 """The public functional ops. Each defines its schema, fake kernel and autograd, and picks the backend."""
 from accel.ops.batch_norm_mix import batch_norm_mix
+from accel.ops.binarize import binarize
+from accel.ops.binary_matmul import binary_linear, binary_matmul
 from accel.ops.causal_conv import causal_conv
 from accel.ops.darts_pool_branches import darts_pool_branches
 from accel.ops.depthwise_conv2d import depthwise_conv2d
@@ -7,5 +9,8 @@ from accel.ops.hopfield_energy import hopfield_energy
 from accel.ops.hopfield_update import hopfield_update
 from accel.ops.krylov_kernel import krylov_kernel
 from accel.ops.mixed_op import mixed_op
+from accel.ops.pack_bits import pack_bits, unpack_bits
 
-__all__ = ["batch_norm_mix", "causal_conv", "darts_pool_branches", "depthwise_conv2d", "hopfield_energy", "hopfield_update", "krylov_kernel", "mixed_op"]
+__all__ = ["batch_norm_mix", "binarize", "binary_linear", "binary_matmul", "causal_conv", "darts_pool_branches",
+           "depthwise_conv2d", "hopfield_energy", "hopfield_update", "krylov_kernel", "mixed_op", "pack_bits",
+           "unpack_bits"]
