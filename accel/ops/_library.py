@@ -22,11 +22,13 @@ def triton_available() -> bool:
 def register_backends(name: str, reference_impl, triton_impl=None) -> None:
     """Registers the kernels for accel::<name> that the C++ extension does not provide.
 
-    CPU: the C++ kernel from accel._C, else ``reference_impl``. CUDA: ``triton_impl`` when Triton is
-    usable, else ``reference_impl``.
+    CPU: the C++ kernel from accel._C, else ``reference_impl``. CUDA: the CUDA kernel from accel._C where it
+    was built with one (csrc/cuda), else ``triton_impl`` when Triton is usable, else ``reference_impl``.
     """
     if not _extension.LOADED:
         lib.impl(name, reference_impl, "CPU")
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"accel::{name}", "CUDA"):
+        return
     lib.impl(name, triton_impl if triton_impl is not None and triton_available() else reference_impl, "CUDA")
 
 
