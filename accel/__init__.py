@@ -1,7 +1,8 @@
 """accel: fast fused kernels for the hot paths of recent research models, with readable references beside them."""
 from accel import _extension
 from accel import ops, reference
+from accel.nn.quant import quantize_
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__"]
+__all__ = ["ops", "quantize_", "reference", "__version__"]

@@ -10,7 +10,8 @@ import torch
 from accel.benchmark.harness import Case
 
 # One entry per op with benchmark cases: the module accel.benchmark.<name>.
-OP_MODULES = ("mixed_op", "darts_edge", "darts_cell", "krylov_kernel", "lssl", "hopfield_update", "binary_matmul")
+OP_MODULES = ("mixed_op", "darts_edge", "darts_cell", "krylov_kernel", "lssl", "hopfield_update", "binary_matmul",
+              "quant_matmul")
 
 
 def all_cases(quick: bool, device: torch.device | str, ops: list[str] | None = None) -> list[Case]:

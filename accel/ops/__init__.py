@@ -10,7 +10,9 @@ from accel.ops.hopfield_update import hopfield_update
 from accel.ops.krylov_kernel import krylov_kernel
 from accel.ops.mixed_op import mixed_op
 from accel.ops.pack_bits import pack_bits, unpack_bits
+from accel.ops.quant_matmul import quant_matmul
+from accel.ops.quantize import QuantizedWeight, dequantize, fake_quantize, quantize
 
-__all__ = ["batch_norm_mix", "binarize", "binary_linear", "binary_matmul", "causal_conv", "darts_pool_branches",
-           "depthwise_conv2d", "hopfield_energy", "hopfield_update", "krylov_kernel", "mixed_op", "pack_bits",
-           "unpack_bits"]
+__all__ = ["QuantizedWeight", "batch_norm_mix", "binarize", "binary_linear", "binary_matmul", "causal_conv",
+           "darts_pool_branches", "dequantize", "depthwise_conv2d", "fake_quantize", "hopfield_energy",
+           "hopfield_update", "krylov_kernel", "mixed_op", "pack_bits", "quant_matmul", "quantize", "unpack_bits"]

@@ -1,0 +1,76 @@
+"""accel.ops.quant_matmul: x @ W^T (+ bias) with W quantized by accel.ops.quantize, on the small integers.
+
+- 8 bits, symmetric, one group per row (per output channel): the activations are quantized per row inside the op
+  (dynamic quantization), and the int8 x int8 products accumulate in int32, scaled back in the epilogue
+  (torch.ops.accel.int8_linear).
+- 4 bits, minmax groups (weight-only): float32 activations against the codes dequantized in registers
+  (torch.ops.accel.int4_linear).
+- Other combinations (2 bits, symmetric 4-bit groups, grouped int8): dequantized to float32 and multiplied by
+  torch, correct but with no speed-up.
+Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); on other devices the PyTorch references below. Not
+differentiable (the weights are integers): training uses fake quantization (accel.nn.QuantLinear).
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from accel.ops._library import lib, register_backends
+from accel.ops.quantize import QuantizedWeight, dequantize, unpack_codes
+from accel.reference import quant as reference
+
+lib.define("int8_linear(Tensor x, Tensor w_codes, Tensor w_step, Tensor? bias) -> Tensor")
+lib.define("int4_linear(Tensor x, Tensor w_packed, Tensor step, Tensor offset, int group_size, Tensor? bias) -> Tensor")
+
+
+def quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) float -> (..., N) float32 (in x's dtype when x is not float32)."""
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError("quant_matmul: `qweight` must be a QuantizedWeight from accel.ops.quantize")
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        raise TypeError("quant_matmul: `x` must be a floating-point tensor")
+    if x.shape[-1] != qweight.in_features:
+        raise ValueError(f"quant_matmul: `x` must have {qweight.in_features} features, got shape {tuple(x.shape)}")
+    if x.device != qweight.codes.device:
+        raise ValueError(f"quant_matmul: `x` is on {x.device} but the weight is on {qweight.codes.device}")
+    N = qweight.codes.shape[0]
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,)):
+        raise ValueError(f"quant_matmul: `bias` must have shape ({N},)")
+    rows = x.reshape(-1, x.shape[-1]).float()
+    Kp = qweight.padded_features
+    one_group = qweight.step.shape[1] == 1
+    if qweight.bits == 8 and qweight.scheme == "symmetric" and one_group:
+        out = torch.ops.accel.int8_linear(rows, qweight.codes, qweight.step[:, 0], bias)
+    elif qweight.bits == 4 and qweight.scheme == "minmax":
+        padded = F.pad(rows, (0, Kp - rows.shape[1]))
+        out = torch.ops.accel.int4_linear(padded, qweight.codes, qweight.step, qweight.offset, qweight.group_size, bias)
+    else:
+        out = F.linear(rows, dequantize(qweight), None if bias is None else bias.float())
+    return out.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
+def _int8_reference(x, w_codes, w_step, bias):
+    qx, sx, _ = reference.quantize(x, 8, None, "symmetric")
+    padded = F.pad(qx, (0, w_codes.shape[1] - qx.shape[1]))
+    out = (padded @ w_codes.double().T) * sx * w_step.double()
+    return (out if bias is None else out + bias.double()).float()
+
+
+def _int4_reference(x, w_packed, step, offset, group_size, bias):
+    qw = QuantizedWeight(w_packed, step, offset, 4, group_size, "minmax", x.shape[1])
+    w = reference.dequantize(unpack_codes(qw), step, offset)
+    out = x.double() @ w.T
+    return (out if bias is None else out + bias.double()).float()
+
+
+@torch.library.register_fake("accel::int8_linear")
+def _int8_fake(x, w_codes, w_step, bias):
+    return x.new_empty(x.shape[0], w_codes.shape[0])
+
+
+@torch.library.register_fake("accel::int4_linear")
+def _int4_fake(x, w_packed, step, offset, group_size, bias):
+    return x.new_empty(x.shape[0], w_packed.shape[0])
+
+
+register_backends("int8_linear", _int8_reference)
+register_backends("int4_linear", _int4_reference)

@@ -1,0 +1,322 @@
+// Quantized matmul on the CPU (accel/ops/quant_matmul.py), for AVX2 without VNNI, with a portable twin.
+//
+// int8_linear: y = (step_x,m step_w,n) sum_k qx_mk qw_nk + bias_n. The activations are quantized inside the op, per
+//   row, symmetric (codes in [-127, 127]); the weights come as int8 codes per output channel. The products use
+//   vpmaddubsw, which multiplies unsigned by signed bytes and adds pairs into int16 with saturation: fed |qx| and
+//   sign(qw, qx) (vpsignb), each pair is at most 2 * 127 * 127 = 32258, so it never saturates (u8 activations
+//   with offset 128 would reach 2 * 255 * 127, which is why FBGEMM quantizes x86 activations to 7 bits).
+//   vpmaddwd against ones widens to int32. Register tiles of 2 rows x 4 output channels, 32 codes per step.
+// weight_only_linear (4 bits): y = sum_groups step_g sum_k x_k q_k + offset_g sum_k x_k, the codes dequantized in
+//   registers: 32 codes in 16 bytes (byte j holds code j in its low nibble and code j + 16 in its high one), so
+//   masks and one shift give the codes in order, widened to floats and multiplied into per-group float sums.
+//   The sums of x per group are computed once per call.
+// Both run over blocks of output channels, in parallel; a block of weights is read once for all rows of x.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace accel {
+namespace {
+
+constexpr int64_t kChannelBlock = 32;  // output channels per task
+constexpr int64_t kCodeBlock = 32;     // codes per step (one AVX2 vector of bytes)
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the weights being read to prefetch
+
+// ---- int8 x int8 ----
+
+struct Int8Operands {
+  const int8_t* qx;      // (M, Kp) activation codes
+  const uint8_t* magx;   // |qx|
+  const float* step_x;   // (M,)
+  const int8_t* qw;      // (N, Kp)
+  const float* step_w;   // (N,)
+  const float* bias;     // (N,) or null
+  float* out;            // (M, N)
+  int64_t Kp, N;
+};
+
+template <int MR, int NR>
+inline void int8_epilogue(const Int8Operands& g, int64_t m0, int64_t n0, const int32_t (&acc)[MR][NR]) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int64_t n = n0 + j;
+      float y = static_cast<float>(acc[i][j]) * g.step_x[m0 + i] * g.step_w[n];
+      if (g.bias) y += g.bias[n];
+      g.out[(m0 + i) * g.N + n] = y;
+    }
+}
+
+template <int MR, int NR>
+void int8_tile_portable(const Int8Operands& g, int64_t m0, int64_t n0) {
+  int32_t acc[MR][NR] = {};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* a = g.qx + (m0 + i) * g.Kp;
+      const int8_t* w = g.qw + (n0 + j) * g.Kp;
+      int32_t s = 0;
+      for (int64_t k = 0; k < g.Kp; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+      acc[i][j] = s;
+    }
+  int8_epilogue<MR, NR>(g, m0, n0, acc);
+}
+
+#if defined(ACCEL_X86_AVX2)
+ACCEL_AVX2 inline int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MR, int NR>
+ACCEL_AVX2 void int8_tile_avx2(const Int8Operands& g, int64_t m0, int64_t n0) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) sum[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < g.Kp; k += kCodeBlock) {
+    __m256i a[MR], mag[MR];
+    for (int i = 0; i < MR; ++i) {
+      a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qx + (m0 + i) * g.Kp + k));
+      mag[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.magx + (m0 + i) * g.Kp + k));
+    }
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* w_at = g.qw + (n0 + j) * g.Kp + k;
+      _mm_prefetch(reinterpret_cast<const char*>(w_at) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_at));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i pairs = _mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(w, a[i]));
+        sum[i][j] = _mm256_add_epi32(sum[i][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  int32_t acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = horizontal_sum_epi32(sum[i][j]);
+  int8_epilogue<MR, NR>(g, m0, n0, acc);
+}
+#endif
+
+template <int MR, int NR>
+void int8_tile(const Int8Operands& g, int64_t m0, int64_t n0) {
+#if defined(ACCEL_X86_AVX2)
+  if (cpu_has_avx2()) return int8_tile_avx2<MR, NR>(g, m0, n0);
+#endif
+  int8_tile_portable<MR, NR>(g, m0, n0);
+}
+
+template <int MR>
+void int8_row(const Int8Operands& g, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) int8_tile<MR, 4>(g, m0, n);
+  for (; n < n1; ++n) int8_tile<MR, 1>(g, m0, n);
+}
+
+// Symmetric per-row int8 codes of x (M, K) float32, zero-padded to Kp: q = round(x / step), step = max|x| / 127,
+// computed as torch computes round(x / step) in float32.
+void quantize_rows(const at::Tensor& x, int64_t Kp, std::vector<int8_t>& q, std::vector<uint8_t>& mag,
+                   std::vector<float>& step) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* xd = x.data_ptr<float>();
+  q.assign(M * Kp, 0);
+  mag.assign(M * Kp, 0);
+  step.assign(M, 0.0f);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xd + m * K;
+      float top = 0.0f;
+      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+      const float s = top / 127.0f;
+      step[m] = s;
+      if (!(s > 0.0f)) continue;  // an all-zero row: codes 0
+      for (int64_t k = 0; k < K; ++k) {
+        const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[k] / s)));
+        q[m * Kp + k] = static_cast<int8_t>(c);
+        mag[m * Kp + k] = static_cast<uint8_t>(std::fabs(c));
+      }
+    }
+  });
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& qw_in, const at::Tensor& step_w_in,
+                           const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_linear: x must be (M, K) float32");
+  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar && qw_in.size(1) % kCodeBlock == 0 &&
+                  qw_in.size(1) >= x_in.size(1),
+              "int8_linear: weight codes must be (N, Kp) int8 with Kp >= K a multiple of 32");
+  const auto x = x_in.contiguous(), qw = qw_in.contiguous(), step_w = step_w_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = qw.size(0), Kp = qw.size(1);
+  std::vector<int8_t> qx;
+  std::vector<uint8_t> magx;
+  std::vector<float> step_x;
+  quantize_rows(x, Kp, qx, magx, step_x);
+  auto out = at::empty({M, N}, x.options());
+  const Int8Operands g{qx.data(), magx.data(), step_x.data(), qw.data_ptr<int8_t>(), step_w.data_ptr<float>(),
+                       bias.defined() ? bias.data_ptr<float>() : nullptr, out.data_ptr<float>(), Kp, N};
+  at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kChannelBlock, n1 = std::min(N, n0 + kChannelBlock);
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) int8_row<2>(g, m, n0, n1);
+      for (; m < M; ++m) int8_row<1>(g, m, n0, n1);
+    }
+  });
+  return out;
+}
+
+// ---- 4-bit weights, float activations ----
+
+struct Int4Operands {
+  const float* x;        // (M, Kp), zero-padded
+  const float* xsum;     // (M, groups): sum of x per group
+  const uint8_t* w;      // (N, Kp / 2)
+  const float* step;     // (N, groups)
+  const float* offset;   // (N, groups)
+  const float* bias;
+  float* out;
+  int64_t Kp, G, N;
+};
+
+inline int code_at(const uint8_t* row, int64_t k) {  // code k of a row: block k / 32, nibble by k % 32
+  const uint8_t byte = row[(k / 32) * 16 + (k % 16)];
+  return (k % 32) < 16 ? (byte & 0x0f) : (byte >> 4);
+}
+
+template <int MR>
+void int4_rows_portable(const Int4Operands& g, int64_t m0, int64_t n) {
+  const uint8_t* w = g.w + n * (g.Kp / 2);
+  const int64_t groups = g.Kp / g.G;
+  for (int i = 0; i < MR; ++i) {
+    const float* x = g.x + (m0 + i) * g.Kp;
+    float y = 0.0f;
+    for (int64_t q = 0; q < groups; ++q) {
+      float dot = 0.0f;
+      for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k));
+      y += g.step[n * groups + q] * dot + g.offset[n * groups + q] * g.xsum[(m0 + i) * groups + q];
+    }
+    g.out[(m0 + i) * g.N + n] = g.bias ? y + g.bias[n] : y;
+  }
+}
+
+#if defined(ACCEL_X86_AVX2)
+ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// MR rows of x against output channel n. Each group's sums fold into one of two running totals by the group's
+// parity, and the offsets' part is a vector dot product of the channel's offsets and the rows' sums of x, so no
+// chain of dependent FMAs runs through the groups.
+template <int MR>
+ACCEL_AVX2 void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  // Byte indices that spread codes into 32-bit lanes (0x80: a zero byte): within each 128-bit half, codes 0-3 /
+  // 4-7 (first) and 8-11 / 12-15 (second) of the half's copy of the 16 bytes.
+  const __m256i first = _mm256_setr_epi8(0, -128, -128, -128, 1, -128, -128, -128, 2, -128, -128, -128, 3, -128, -128, -128,
+                                         4, -128, -128, -128, 5, -128, -128, -128, 6, -128, -128, -128, 7, -128, -128, -128);
+  const __m256i second = _mm256_add_epi8(first, _mm256_setr_epi8(8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0,
+                                                                  8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0));
+  const uint8_t* w = g.w + n * (g.Kp / 2);
+  const int64_t groups = g.Kp / g.G;
+  __m256 y[MR][2];
+  for (int i = 0; i < MR; ++i) y[i][0] = y[i][1] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < groups; ++q) {
+    __m256 dot[MR][4];  // four sums per row: one FMA chain each, so consecutive FMAs do not wait on each other
+    for (int i = 0; i < MR; ++i)
+      for (int c = 0; c < 4; ++c) dot[i][c] = _mm256_setzero_ps();
+    for (int64_t k = q * g.G; k < (q + 1) * g.G; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + kPrefetchBytes, _MM_HINT_T0);
+      // the 16 bytes in both halves; in-lane byte shuffles then widen them (vpmovzxbd crosses lanes: slower)
+      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, first));
+      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, second));
+      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, first));
+      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, second));
+      for (int i = 0; i < MR; ++i) {
+        const float* x = g.x + (m0 + i) * g.Kp + k;
+        dot[i][0] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x), dot[i][0]);
+        dot[i][1] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x + 8), dot[i][1]);
+        dot[i][2] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x + 16), dot[i][2]);
+        dot[i][3] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x + 24), dot[i][3]);
+      }
+    }
+    const __m256 step = _mm256_set1_ps(g.step[n * groups + q]);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(dot[i][0], dot[i][1]), _mm256_add_ps(dot[i][2], dot[i][3]));
+      y[i][q & 1] = _mm256_fmadd_ps(sum, step, y[i][q & 1]);
+    }
+  }
+  const float* offset = g.offset + n * groups;
+  const int64_t groups8 = groups - groups % 8;
+  for (int i = 0; i < MR; ++i) {
+    const float* xsum = g.xsum + (m0 + i) * groups;
+    __m256 part = _mm256_add_ps(y[i][0], y[i][1]);
+    for (int64_t q = 0; q < groups8; q += 8)
+      part = _mm256_fmadd_ps(_mm256_loadu_ps(offset + q), _mm256_loadu_ps(xsum + q), part);
+    float total = horizontal_sum_ps(part);
+    for (int64_t q = groups8; q < groups; ++q) total += offset[q] * xsum[q];
+    g.out[(m0 + i) * g.N + n] = g.bias ? total + g.bias[n] : total;
+  }
+}
+#endif
+
+template <int MR>
+void int4_rows(const Int4Operands& g, int64_t m0, int64_t n) {
+#if defined(ACCEL_X86_AVX2)
+  if (cpu_has_avx2()) return int4_rows_avx2<MR>(g, m0, n);
+#endif
+  int4_rows_portable<MR>(g, m0, n);
+}
+
+at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& step_in,
+                           const at::Tensor& offset_in, int64_t group_size, const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int4_linear: x must be (M, Kp) float32");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "int4_linear: group_size must be a multiple of 32");
+  const int64_t M = x_in.size(0), Kp = x_in.size(1), N = w_in.size(0);
+  TORCH_CHECK(Kp % group_size == 0 && w_in.dim() == 2 && w_in.scalar_type() == at::kByte && w_in.size(1) * 2 == Kp,
+              "int4_linear: weights must be (N, Kp / 2) uint8 with Kp (x's width) a multiple of group_size");
+  const int64_t groups = Kp / group_size;
+  TORCH_CHECK(step_in.sizes() == at::IntArrayRef({N, groups}) && offset_in.sizes() == at::IntArrayRef({N, groups}),
+              "int4_linear: step and offset must be (N, Kp / group_size)");
+  const auto x = x_in.contiguous(), w = w_in.contiguous();
+  const auto step = step_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
+  const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
+  auto out = at::empty({M, N}, x.options());
+  const Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
+                       offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
+                       out.data_ptr<float>(), Kp, group_size, N};
+  at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kChannelBlock, n1 = std::min(N, n0 + kChannelBlock);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        for (int64_t n = n0; n < n1; ++n) int4_rows<4>(g, m, n);
+      for (; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) int4_rows<1>(g, m, n);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(accel, CPU, m) {
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int4_linear", &int4_linear_cpu);
+}
+
+}  // namespace accel

@@ -1,0 +1,97 @@
+"""accel.ops.quantize / dequantize / fake_quantize / quant_matmul: codes and error bounds of both schemes at 8, 4
+and 2 bits with odd K, the int8 product exact against numpy integer arithmetic on the same codes, the 4-bit
+weight-only product by the numerics rule, the straight-through gradient, opcheck and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from accel.ops import dequantize, fake_quantize, quant_matmul, quantize
+from accel.ops.quantize import unpack_codes
+from accel.reference import quant as reference
+from conftest import assert_by_rule
+
+
+@pytest.mark.parametrize("bits, group_size, scheme", [(8, None, "symmetric"), (8, 64, "minmax"), (4, 32, "minmax"),
+                                                      (4, 128, "symmetric"), (2, 64, "minmax")])
+@pytest.mark.parametrize("K", [1, 33, 300])
+def test_codes_and_error_bound(bits, group_size, scheme, K):
+    w = torch.randn(7, K)
+    qw = quantize(w, bits, group_size, scheme)
+    codes = unpack_codes(qw)
+    low, high = reference.levels(bits, scheme)
+    assert codes.min() >= low and codes.max() <= high
+    # the codes are the reference's on the first K values (the padding repeats the row's last value)
+    ref_q, ref_step, ref_offset = reference.quantize(
+        torch.cat([w, w[:, -1:].expand(-1, qw.padded_features - K)], 1), bits, qw.group_size, scheme)
+    torch.testing.assert_close(codes.double(), ref_q, rtol=0, atol=0)
+    # |w - w_hat| <= step / 2 within each group
+    w_hat = dequantize(qw)
+    assert w_hat.shape == w.shape
+    step = qw.step.repeat_interleave(qw.group_size, dim=1)[:, :K]
+    assert ((w_hat - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+def numpy_int8_linear(x, w, bias):
+    """Per-row symmetric codes of x and w in float32 as the op computes them, the product in int64."""
+    x, w = x.numpy(), w.numpy()
+    sx = np.abs(x).max(1) / np.float32(127)
+    sw = np.abs(w).max(1) / np.float32(127)
+    qx = np.clip(np.round(x / sx[:, None]), -127, 127).astype(np.int64)
+    qw = np.clip(np.round(w / sw[:, None]), -127, 127).astype(np.int64)
+    return (qx @ qw.T).astype(np.float64) * sx[:, None] * sw[None, :] + bias.numpy()
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (3, 7, 33), (2, 65, 1000), (9, 5, 4096)])
+def test_int8_product_matches_integer_arithmetic(M, N, K):
+    x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    got = quant_matmul(x, quantize(w, 8), bias)
+    np.testing.assert_allclose(got.numpy(), numpy_int8_linear(x, w, bias), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("M, N, K, group_size", [(1, 3, 32, 32), (5, 17, 300, 64), (4, 9, 1024, 128), (6, 2, 40, 32)])
+def test_weight_only_int4_by_the_numerics_rule(M, N, K, group_size):
+    x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    qw = quantize(w, 4, group_size, "minmax")
+    got = quant_matmul(x, qw, bias)
+    w_hat = dequantize(qw)
+    ref32 = x @ w_hat.T + bias
+    ref64 = x.double() @ w_hat.double().T + bias.double()
+    assert_by_rule(got, ref32, ref64, "int4 weight-only")
+
+
+def test_other_combinations_dequantize():
+    x, w = torch.randn(3, 70), torch.randn(4, 70)
+    qw = quantize(w, 2, 64, "minmax")
+    torch.testing.assert_close(quant_matmul(x, qw), x @ dequantize(qw).T)
+
+
+def test_fake_quantize_passes_the_gradient_straight_through():
+    x = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    y = fake_quantize(x, 4, 32, "minmax")
+    torch.testing.assert_close(y, reference.fake_quantize(x.detach(), 4, 32, "minmax"))
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g)
+    torch.library.opcheck(torch.ops.accel.fake_quantize.default, (x.detach().requires_grad_(), 4, 32, "minmax"))
+
+
+def test_opcheck():
+    x, w = torch.randn(3, 64), torch.randn(5, 64)
+    q8, q4 = quantize(w, 8), quantize(w, 4, 32, "minmax")
+    torch.library.opcheck(torch.ops.accel.int8_linear.default, (x, q8.codes, q8.step[:, 0], torch.randn(5)))
+    torch.library.opcheck(torch.ops.accel.int4_linear.default, (x, q4.codes, q4.step, q4.offset, 32, None))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda w, x: quantize(w, 3), "`bits`"),
+    (lambda w, x: quantize(w, 4, 48, "minmax"), "`group_size`"),
+    (lambda w, x: quantize(w, 8, None, "log"), "`scheme`"),
+    (lambda w, x: quantize(w[0], 8), "`w`"),
+    (lambda w, x: quant_matmul(x[:, :10], quantize(w, 8)), "features"),
+    (lambda w, x: quant_matmul(x, w), "`qweight`"),
+    (lambda w, x: quant_matmul(x, quantize(w, 8), torch.ones(3)), "`bias`"),
+    (lambda w, x: fake_quantize(x[:, :40], 4, 32, "minmax"), "multiple"),
+])
+def test_bad_input_raises_a_clear_error(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(torch.randn(5, 64), torch.randn(3, 64))
