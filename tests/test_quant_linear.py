@@ -99,3 +99,30 @@ def test_bad_arguments():
         QuantLinear(8, 8, bits=4, group_size=20)
     with pytest.raises(ValueError, match="input features"):
         QuantLinear(8, 8)(torch.randn(2, 9))
+
+
+def test_auto_bits_follow_the_hessian_and_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[4].weight.mul_(4.0)
+    x, y = torch.randn(256, 64), torch.randint(0, 8, (256,))
+    calibration = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    layers = {"0": model[0], "2": model[2], "4": model[4]}
+    traces = accel.nn.quant.hessian_traces(model, layers, calibration, probes=64)
+    # the Hutchinson estimate against the exact trace of the last layer's Hessian
+    w = model[4].weight
+    exact = torch.autograd.functional.hessian(
+        lambda w_: nn.functional.cross_entropy(nn.functional.linear(model[:4](x), w_, model[4].bias), y), w.detach())
+    exact_trace = exact.reshape(w.numel(), w.numel()).diagonal().sum().item()
+    assert abs(traces["4"] - exact_trace) < 0.15 * exact_trace
+    # sensitivity per weight at 4 bits, HAWQ's Tr(H) / n * ||Q(W) - W||^2 / n
+    sens = {n: traces[n] / m.weight.numel() ** 2 *
+            (dequantize(quantize(m.weight.detach(), 4, 64, "minmax")) - m.weight.detach()).pow(2).sum().item()
+            for n, m in layers.items()}
+    accel.quantize_(model, bits="auto", budget=5.0, group_size=64, calibration=calibration)
+    bits = {n: model[int(n)].bits for n in layers}
+    sizes = {n: m.weight_codes.shape[0] * m.in_features for n, m in ((n, model[int(n)]) for n in layers)}
+    assert set(bits.values()) <= {2, 4, 8} and len(set(bits.values())) > 1
+    assert sum(bits[n] * sizes[n] for n in bits) / sum(sizes.values()) <= 5.0
+    assert bits[max(sens, key=sens.get)] >= bits[min(sens, key=sens.get)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.ops import dequantize, quant_matmul, quantize
-from accel.ops.quantize import QuantizedWeight, check_options
+from accel.ops.quantize import CODES_PER_BLOCK, QuantizedWeight, check_options
 
 
 class QuantLinear(nn.Module):
@@ -101,16 +101,72 @@ class QuantLinear(nn.Module):
                 (", packed" if self.packed else ""))
 
 
-def quantize_(model: nn.Module, bits: int = 8, group_size: int = 128,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, *, budget: float | None = None,
+              calibration: Callable[[nn.Module], torch.Tensor] | None = None, probes: int = 16) -> nn.Module:
     """Replaces, in place, every nn.Linear of ``model`` (those for which filter_fn(module, name) is true) by a packed
-    QuantLinear with its weights; returns the model."""
+    QuantLinear with its weights; returns the model.
+
+    bits: 8, 4 or 2 for every layer, or "auto": each layer gets 8, 4 or 2 bits from its sensitivity (HAWQ's
+    Tr(H) / n * ||Q(W) - W||^2, with the Hessian trace of the loss ``calibration(model)`` estimated by Hutchinson's
+    method over ``probes`` Rademacher vectors), lowering first the layers where the least sensitivity is added per
+    bit saved, until the average bits per weight is at most ``budget``.
+    """
+    linears = {name: m for name, m in model.named_modules()
+               if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))}
+    if bits == "auto":
+        if budget is None or calibration is None:
+            raise ValueError("quantize_: bits='auto' needs a `budget` (average bits per weight) and a `calibration` loss")
+        chosen = assign_bits(model, linears, calibration, budget, group_size, probes)
+    elif bits in (8, 4, 2):
+        chosen = dict.fromkeys(linears, bits)
+    else:
+        raise ValueError(f"quantize_: `bits` must be 8, 4, 2 or 'auto', got {bits!r}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and (filter_fn is None or filter_fn(child, full)):
-                setattr(module, child_name, QuantLinear.from_linear(child, bits=bits, group_size=group_size).pack())
+            if full in chosen:
+                setattr(module, child_name,
+                        QuantLinear.from_linear(child, bits=chosen[full], group_size=group_size).pack())
     return model
+
+
+def hessian_traces(model: nn.Module, linears: dict[str, nn.Linear], calibration: Callable[[nn.Module], torch.Tensor],
+                   probes: int = 16) -> dict[str, float]:
+    """Tr(d^2 loss / dW^2) for each layer's weight, by Hutchinson's estimator E[v^T H v], v with +-1 entries; H v is
+    the gradient of (grad . v)."""
+    weights = [m.weight for m in linears.values()]
+    traces = dict.fromkeys(linears, 0.0)
+    for _ in range(probes):
+        grads = torch.autograd.grad(calibration(model), weights, create_graph=True)
+        vs = [torch.randint_like(w, 2) * 2 - 1 for w in weights]
+        hvs = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), weights)
+        for name, v, hv in zip(linears, vs, hvs):
+            traces[name] += (v * hv).sum().item() / probes
+    return traces
+
+
+def assign_bits(model, linears, calibration, budget: float, group_size: int, probes: int = 16) -> dict[str, int]:
+    """Bits per layer for quantize_(bits="auto"): greedy from 8 bits down (see quantize_)."""
+    traces = hessian_traces(model, linears, calibration, probes)
+    sizes = {name: m.weight.numel() for name, m in linears.items()}
+
+    def sensitivity(name, b):
+        w = linears[name].weight.detach().float()
+        qw = quantize(w, b, None if b == 8 else group_size, "symmetric" if b == 8 else "minmax")
+        return max(traces[name], 0.0) / sizes[name] * (dequantize(qw) - w).pow(2).sum().item()
+
+    lowest = 2 if group_size % CODES_PER_BLOCK[2] == 0 else 4  # 2-bit groups hold whole blocks of 64 codes
+    chosen = dict.fromkeys(linears, 8)
+    total = sum(sizes.values())
+    while sum(chosen[n] * sizes[n] for n in chosen) / total > budget:
+        options = [(n, chosen[n] // 2) for n in chosen if chosen[n] > lowest]
+        if not options:
+            break
+        n, b = min(options, key=lambda o: (sensitivity(*o) - sensitivity(o[0], chosen[o[0]])) /
+                   ((chosen[o[0]] - o[1]) * sizes[o[0]]))
+        chosen[n] = b
+    return chosen
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,

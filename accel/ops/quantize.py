@@ -20,7 +20,7 @@ lib.define("fake_quantize(Tensor x, int bits, int group_size, str scheme) -> Ten
 
 SCHEMES = ("symmetric", "minmax")
 BITS = (8, 4, 2)
-_CODES_PER_BLOCK = {8: 32, 4: 32, 2: 64}
+CODES_PER_BLOCK = {8: 32, 4: 32, 2: 64}
 
 
 @dataclass
@@ -52,14 +52,14 @@ def check_options(op: str, bits, group_size, scheme):
         raise ValueError(f"{op}: `bits` must be one of {BITS}, got {bits!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"{op}: `scheme` must be one of {SCHEMES}, got {scheme!r}")
-    block = _CODES_PER_BLOCK[bits]
+    block = CODES_PER_BLOCK[bits]
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % block):
         raise ValueError(f"{op}: `group_size` must be a positive multiple of {block} for {bits} bits (or None: one "
                          f"group per row), got {group_size!r}")
 
 
 def _padded(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
-    block = _CODES_PER_BLOCK[bits]
+    block = CODES_PER_BLOCK[bits]
     K = w.shape[1]
     G = group_size if group_size is not None else math.ceil(K / block) * block
     Kp = math.ceil(K / G) * G
@@ -84,7 +84,7 @@ def _pack(q: Tensor, bits: int, low: int) -> Tensor:
         return q.to(torch.int8 if low < 0 else torch.uint8)
     codes = (q - low).to(torch.uint8)  # 0 .. 2^bits - 1
     per_byte = 8 // bits
-    block = _CODES_PER_BLOCK[bits]
+    block = CODES_PER_BLOCK[bits]
     parts = codes.unflatten(1, (-1, per_byte, block // per_byte))  # (N, blocks, per_byte, 16)
     packed = torch.zeros(parts.shape[:2] + parts.shape[3:], dtype=torch.uint8, device=q.device)
     for p in range(per_byte):
@@ -97,7 +97,7 @@ def unpack_codes(qw: QuantizedWeight) -> Tensor:
     if qw.bits == 8:
         return qw.codes.to(torch.int32)
     per_byte = 8 // qw.bits
-    packed = qw.codes.unflatten(1, (-1, _CODES_PER_BLOCK[qw.bits] // per_byte)).to(torch.int32)
+    packed = qw.codes.unflatten(1, (-1, CODES_PER_BLOCK[qw.bits] // per_byte)).to(torch.int32)
     parts = [(packed >> (qw.bits * p)) & (2 ** qw.bits - 1) for p in range(per_byte)]
     low, _ = reference.levels(qw.bits, qw.scheme)
     return torch.stack(parts, dim=2).flatten(1) + low
