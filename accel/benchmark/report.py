@@ -174,6 +174,10 @@ def write_plot(plt, run: dict, machine: str, png: Path) -> bool:
 
 
 def _plot_panel(ax, records: list[dict], pass_: str) -> None:
+    if not any(pass_ in r["passes"] for r in records):  # an inference op: no backward to plot
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"no {pass_} cases", ha="center", va="center")
+        return
     sweeps = list(dict.fromkeys(s for r in records for s in r["sweeps"]))
     styles = ["-", "--", ":", "-."]
     impls = list(dict.fromkeys(name for r in records if pass_ in r["passes"] for name in r["passes"][pass_]["impls"]))
