@@ -7,14 +7,15 @@
   (torch.ops.accel.int4_linear).
 - Other combinations (2 bits, symmetric 4-bit groups, grouped int8): dequantized to float32 and multiplied by
   torch, correct but with no speed-up.
-Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); on other devices the PyTorch references below. Not
-differentiable (the weights are integers): training uses fake quantization (accel.nn.QuantLinear).
+Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); Triton on CUDA (kernels/quant_matmul.py, tested under the
+interpreter only); elsewhere the PyTorch references below. Not differentiable (the weights are integers):
+training uses fake quantization (accel.nn.QuantLinear).
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 from accel.ops.quantize import QuantizedWeight, dequantize, unpack_codes
 from accel.reference import quant as reference
 
@@ -72,5 +73,5 @@ def _int4_fake(x, w_packed, step, offset, group_size, bias):
     return x.new_empty(x.shape[0], w_packed.shape[0])
 
 
-register_backends("int8_linear", _int8_reference)
-register_backends("int4_linear", _int4_reference)
+register_backends("int8_linear", _int8_reference, triton_kernel("quant_matmul", "int8_linear"))
+register_backends("int4_linear", _int4_reference, triton_kernel("quant_matmul", "int4_linear"))
