@@ -1,0 +1,73 @@
+"""accel.reference.ode, the reference for the adaptive solver: solutions against scipy's solve_ivp (RK45, the same
+Dormand-Prince pair) and a tight DOP853 solution on Van der Pol and on a linear system with a known solution,
+comparable step counts, Tsit5's fifth order by its error slope, and the stiffness estimate on y' = lambda y."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from accel.reference import ode
+
+scipy_integrate = pytest.importorskip("scipy.integrate")
+
+
+def van_der_pol(t, y, mu=1.0):
+    return torch.stack([y[:, 1], mu * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], -1)
+
+
+def van_der_pol_np(t, y, mu=1.0):
+    return [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]]
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_van_der_pol_against_scipy(method):
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    t = torch.linspace(0, 10, 6, dtype=torch.float64)
+    ys, stats = ode.odeint(van_der_pol, y0, t, method=method, rtol=1e-6, atol=1e-8)
+    for b in range(2):
+        exact = scipy_integrate.solve_ivp(van_der_pol_np, (0, 10), y0[b].numpy(), method="DOP853",
+                                          t_eval=t.numpy(), rtol=1e-12, atol=1e-12).y.T
+        rk45 = scipy_integrate.solve_ivp(van_der_pol_np, (0, 10), y0[b].numpy(), method="RK45", t_eval=t.numpy(),
+                                         rtol=1e-6, atol=1e-8)
+        ours = np.abs(ys[:, b].numpy() - exact).max()
+        theirs = np.abs(rk45.y.T - exact).max()
+        assert ours <= 3 * theirs + 1e-9, f"{method}: error {ours:.2e}, scipy RK45 {theirs:.2e}"
+        if method == "dopri5":  # the same pair: comparable work
+            assert 0.7 * rk45.nfev <= stats["nfe"][b] <= 1.3 * rk45.nfev
+
+
+def test_linear_system_with_known_solution():
+    A = torch.tensor([[-0.5, 2.0], [-2.0, -0.5]], dtype=torch.float64)  # a damped rotation
+    y0 = torch.tensor([[1.0, 0.0], [0.3, -0.7]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    for method in ("dopri5", "tsit5"):
+        ys, _ = ode.odeint(lambda t, y: y @ A.T, y0, t, method=method, rtol=1e-8, atol=1e-10)
+        for i, ti in enumerate(t):
+            exact = y0 @ torch.linalg.matrix_exp(A * ti).T
+            torch.testing.assert_close(ys[i], exact, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method, order", [("tsit5", 5), ("dopri5", 5), ("rk4", 4), ("bosh3", 3)])
+def test_convergence_order_from_the_error_slope(method, order):
+    f = lambda t, y: torch.stack([y[:, 1], -y[:, 0]], -1)  # noqa: E731
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    tableau = ode.METHODS[method]
+    errors = []
+    for n in (8, 16):
+        h = torch.full((1,), 1.0 / n, dtype=torch.float64)
+        y, t = y0, torch.zeros(1, dtype=torch.float64)
+        for _ in range(n):
+            y, _, _, _ = ode.rk_step(f, t, y, h, tableau)
+            t = t + h
+        errors.append((y - torch.tensor([[math.cos(1.0), -math.sin(1.0)]], dtype=torch.float64)).norm().item())
+    slope = math.log2(errors[0] / errors[1])
+    assert order - 0.3 <= slope <= order + 0.6, f"{method}: slope {slope:.2f}"
+
+
+@pytest.mark.parametrize("lam", [-50.0, -3.0])
+def test_stiffness_estimate_is_the_eigenvalue_modulus(lam):
+    _, stats = ode.odeint(lambda t, y: lam * y, torch.ones(2, 3, dtype=torch.float64),
+                          torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5")
+    for rho in stats["stiffness"]:
+        np.testing.assert_allclose(rho, abs(lam), rtol=1e-9)
