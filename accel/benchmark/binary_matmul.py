@@ -11,12 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from accel.benchmark.harness import Case
+from accel.benchmark.linear_peers import build_int8_dynamic, mib, peers
 from accel.ops import binary_linear, pack_bits
 from accel.reference.binary import sign
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:g} MiB"
 
 
 def _case(M: int, K: int, N: int, device: torch.device) -> Case:
@@ -27,26 +24,19 @@ def _case(M: int, K: int, N: int, device: torch.device) -> Case:
         w = torch.randn(N, K, generator=gen).to(device)
         bias = torch.randn(N, generator=gen).to(device)
         layer.update(w=w, bias=bias, alpha=w.abs().mean(1), bits=pack_bits(w))
-        if "int8_dynamic" in peers:
-            dense = torch.nn.Linear(K, N).eval()
-            dense.weight.data.copy_(w)
-            dense.bias.data.copy_(bias)
-            layer["int8"] = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(dense), {torch.nn.Linear},
-                                                                   dtype=torch.qint8)
+        build_int8_dynamic(layer, timed)
         return (torch.randn(M, K, generator=gen).to(device),)
 
-    peers = {"float32": lambda x: F.linear(x, layer["w"], layer["bias"])}
-    if device.type == "cpu":  # torch's int8 dynamic quantization runs on the CPU only
-        peers["int8_dynamic"] = lambda x: layer["int8"](x)
+    timed = peers(layer, device)
     packed = 4 * N * ((K + 31) // 32)
     return Case(
         name=f"M{M}_K{K}_N{N}",
         op="binary_matmul",
-        shape=f"M={M} K={K} N={N}; weights: packed {_mib(packed)}, float32 {_mib(4 * N * K)}, int8 {_mib(N * K)}",
+        shape=f"M={M} K={K} N={N}; weights: packed {mib(packed)}, float32 {mib(4 * N * K)}, int8 {mib(N * K)}",
         setup=setup,
         fast=lambda x: binary_linear(x, layer["bits"], K, scale=layer["alpha"], bias=layer["bias"]),
         reference=lambda x: F.linear(sign(x), sign(layer["w"])) * layer["alpha"] + layer["bias"],
-        peers=peers,
+        peers=timed,
         backward=False,
         bytes_moved={"fwd": packed + 4 * M * (K + N)},
         flops={"fwd": 0},  # XOR and popcount: the bound is the packed weights' bytes

@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from accel.benchmark.harness import Case
+from accel.benchmark.linear_peers import build_int8_dynamic, mib, peers
 from accel.ops import dequantize, quant_matmul, quantize
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:g} MiB"
 
 
 def _case(M: int, K: int, N: int, bits: int, device: torch.device) -> Case:
@@ -29,12 +26,7 @@ def _case(M: int, K: int, N: int, bits: int, device: torch.device) -> Case:
         bias = torch.randn(N, generator=gen).to(device)
         qw = quantize(w, bits, group_size, scheme)
         layer.update(w=w, bias=bias, qw=qw, w_hat=dequantize(qw))
-        if "int8_dynamic" in peers:
-            dense = torch.nn.Linear(K, N).eval()
-            dense.weight.data.copy_(w)
-            dense.bias.data.copy_(bias)
-            layer["int8"] = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(dense), {torch.nn.Linear},
-                                                                   dtype=torch.qint8)
+        build_int8_dynamic(layer, timed)
         return (torch.randn(M, K, generator=gen).to(device),)
 
     def fake_quantized(x):
@@ -42,19 +34,17 @@ def _case(M: int, K: int, N: int, bits: int, device: torch.device) -> Case:
             x = dequantize(quantize(x, 8))
         return F.linear(x, layer["w_hat"], layer["bias"])
 
-    peers = {"float32": lambda x: F.linear(x, layer["w"], layer["bias"])}
-    if device.type == "cpu":  # torch's int8 dynamic quantization runs on the CPU only
-        peers["int8_dynamic"] = lambda x: layer["int8"](x)
+    timed = peers(layer, device)
     weight_bytes = N * K * bits // 8
     return Case(
         name=f"int{bits}_M{M}",
         op="quant_matmul",
         shape=f"int{bits}{'' if bits == 8 else ' weight-only, groups of 128'} M={M} K={K} N={N}; weights: "
-              f"{_mib(weight_bytes)} vs float32 {_mib(4 * N * K)}, FBGEMM int8 {_mib(N * K)}",
+              f"{mib(weight_bytes)} vs float32 {mib(4 * N * K)}, FBGEMM int8 {mib(N * K)}",
         setup=setup,
         fast=lambda x: quant_matmul(x, layer["qw"], layer["bias"]),
         reference=fake_quantized,
-        peers=peers,
+        peers=timed,
         backward=False,
         bytes_moved={"fwd": weight_bytes + 4 * M * (K + N)},
         flops={"fwd": 2 * M * K * N},

@@ -7,12 +7,11 @@ packed bits through accel.ops.binary_linear (XOR + popcount): the weights are pa
 change. ``pack()`` makes that permanent: the latent weights are dropped and the module keeps 1 bit per weight
 (32x fewer bytes than float32), for inference only.
 """
-import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from accel.nn.packed_linear import PackedLinear
 from accel.ops import binarize, pack_bits
 from accel.ops.binarize import ESTIMATORS
 from accel.ops.binary_matmul import binary_linear
@@ -21,7 +20,7 @@ from accel.reference.binary import reste_power
 SCALES = ("channel", "scalar", "none")
 
 
-class BinaryLinear(nn.Module):
+class BinaryLinear(PackedLinear):
     """(..., in_features) -> (..., out_features): y = (sign(x) sign(W)^T) * scale + bias.
 
     Args:
@@ -37,47 +36,20 @@ class BinaryLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, estimator: str = "reste",
                  scale: str = "channel", binarize_input: bool = True, o_end: float = 3.0, t: float = 1.5,
                  delta: float = 0.1, device=None, dtype=None):
-        super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"BinaryLinear: `estimator` must be one of {ESTIMATORS}, got {estimator!r}")
         if scale not in SCALES:
             raise ValueError(f"BinaryLinear: `scale` must be one of {SCALES}, got {scale!r}")
-        if not (isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0):
-            raise ValueError("BinaryLinear: `in_features` and `out_features` must be positive ints")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.estimator, self.scale, self.binarize_input = estimator, scale, binarize_input
         self.o, self.o_end, self.t, self.delta = 1.0, o_end, t, delta
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._cache = None  # (weight version, packed weight, scale) for eval mode
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "BinaryLinear":
-        """A BinaryLinear with an nn.Linear's weights as its latent weights."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer.load_state_dict(linear.state_dict())
-        return layer
 
     def set_progress(self, progress: float) -> None:
         """Sets ReSTE's power o for a fraction `progress` in [0, 1] of training (cosine from 1 to o_end)."""
         self.o = reste_power(min(max(float(progress), 0.0), 1.0), self.o_end)
 
-    @property
-    def packed(self) -> bool:
-        return self.weight is None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"BinaryLinear: expected {self.in_features} input features, got shape {tuple(x.shape)}")
+        self._check_features(x)
         if self.packed or (not self.training and self.binarize_input):
             return self._packed_forward(x)
         if self.binarize_input:
@@ -94,12 +66,8 @@ class BinaryLinear(nn.Module):
     def _packed_weight(self):
         if self.packed:
             return self.weight_bits, self.weight_scale
-        version = (self.weight.data_ptr(), self.weight._version)
-        if self._cache is None or self._cache[0] != version:
-            with torch.no_grad():
-                scale = self._weight_scale(self.weight).float() if self.scale != "none" else None
-                self._cache = (version, pack_bits(self.weight), scale)
-        return self._cache[1], self._cache[2]
+        return self._cached(lambda: (pack_bits(self.weight),
+                                     self._weight_scale(self.weight).float() if self.scale != "none" else None))
 
     def _packed_forward(self, x):
         bits, scale = self._packed_weight()
@@ -113,17 +81,7 @@ class BinaryLinear(nn.Module):
         if self.packed:
             return self
         bits, scale = self._packed_weight()
-        del self.weight
-        self.weight = None
-        self.register_buffer("weight_bits", bits)
-        self.register_buffer("weight_scale", scale)
-        self._cache = None
-        return self.eval()
-
-    def train(self, mode: bool = True):
-        if mode and self.packed:
-            raise RuntimeError("BinaryLinear: a packed layer has no latent weights to train")
-        return super().train(mode)
+        return self._keep_only(weight_bits=bits, weight_scale=scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -6,7 +6,6 @@ runs accel.ops.quant_matmul on the packed codes, cached until the weights change
 for good. ``accel.quantize_(model, ...)`` swaps a model's nn.Linear layers for packed QuantLinears in place, in
 torchao's style.
 """
-import math
 from collections.abc import Callable
 
 import torch
@@ -14,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.ops import dequantize, quant_matmul, quantize
+from accel.nn.packed_linear import PackedLinear
 from accel.ops.quantize import CODES_PER_BLOCK, QuantizedWeight, check_options
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """(..., in_features) -> (..., out_features) with weights of ``bits`` bits.
 
     Args:
@@ -29,30 +29,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 128,
                  scheme: str | None = None, device=None, dtype=None):
-        super().__init__()
         scheme = scheme or ("symmetric" if bits == 8 else "minmax")
         group_size = None if bits == 8 else group_size
         check_options("QuantLinear", bits, group_size, scheme)
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.bits, self.group_size, self.scheme = bits, group_size, scheme
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._cache = None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer.load_state_dict(linear.state_dict())
-        return layer
-
-    @property
-    def packed(self) -> bool:
-        return self.weight is None
 
     def quantized_weight(self) -> QuantizedWeight:
         """The packed weights: cached until the float weights change."""
@@ -60,14 +41,10 @@ class QuantLinear(nn.Module):
             padded_features = self.weight_codes.shape[1] * 8 // self.bits
             return QuantizedWeight(self.weight_codes, self.weight_step, self.weight_offset, self.bits,
                                    padded_features // self.weight_step.shape[1], self.scheme, self.in_features)
-        version = (self.weight.data_ptr(), self.weight._version)
-        if self._cache is None or self._cache[0] != version:
-            self._cache = (version, quantize(self.weight.detach().float(), self.bits, self.group_size, self.scheme))
-        return self._cache[1]
+        return self._cached(lambda: quantize(self.weight.float(), self.bits, self.group_size, self.scheme))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear: expected {self.in_features} input features, got shape {tuple(x.shape)}")
+        self._check_features(x)
         if self.packed or not self.training:
             return quant_matmul(x, self.quantized_weight(), self.bias)
         w_hat = dequantize(self.quantized_weight()).to(self.weight.dtype)
@@ -82,18 +59,7 @@ class QuantLinear(nn.Module):
         if self.packed:
             return self
         qw = self.quantized_weight()
-        del self.weight
-        self.weight = None
-        self.register_buffer("weight_codes", qw.codes)
-        self.register_buffer("weight_step", qw.step)
-        self.register_buffer("weight_offset", qw.offset)
-        self._cache = None
-        return self.eval()
-
-    def train(self, mode: bool = True):
-        if mode and self.packed:
-            raise RuntimeError("QuantLinear: a packed layer has no float weights to train")
-        return super().train(mode)
+        return self._keep_only(weight_codes=qw.codes, weight_step=qw.step, weight_offset=qw.offset)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,0 +1,66 @@
+"""PackedLinear: what BinaryLinear and QuantLinear share. Float weights train (nn.Linear's parameters, initialised
+and loaded as nn.Linear's); inference runs on a packed form of them, made once and cached until the weights change;
+``pack()`` keeps only the packed form (the float weights are dropped) and the layer is inference-only from then on."""
+import math
+
+import torch
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        name = type(self).__name__
+        if not (isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0):
+            raise ValueError(f"{name}: `in_features` and `out_features` must be positive ints")
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._cache = None  # (weight version, packed form)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A layer with an nn.Linear's weights as its float weights."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        layer.load_state_dict(linear.state_dict())
+        return layer
+
+    @property
+    def packed(self) -> bool:
+        return self.weight is None
+
+    def _cached(self, make):
+        """make() of the current float weights, made again only when they change."""
+        version = (self.weight.data_ptr(), self.weight._version)
+        if self._cache is None or self._cache[0] != version:
+            with torch.no_grad():
+                self._cache = (version, make())
+        return self._cache[1]
+
+    def _keep_only(self, **buffers) -> "PackedLinear":
+        """Drops the float weights for these buffers (the packed form): inference only."""
+        del self.weight
+        self.weight = None
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+        self._cache = None
+        return self.eval()
+
+    def _check_features(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected {self.in_features} input features, got shape "
+                             f"{tuple(x.shape)}")
+
+    def train(self, mode: bool = True):
+        if mode and self.packed:
+            raise RuntimeError(f"{type(self).__name__}: a packed layer has no float weights to train")
+        return super().train(mode)
