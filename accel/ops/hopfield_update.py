@@ -2,14 +2,17 @@
 without keeping any L x S association for autograd.
 
 Flow: hopfield_update (checks, masks) -> torch.ops.accel.hopfield_update, which returns with the output what
-the backward needs: the state pattern q_t of every step (O(steps L d), not O(steps L S)) and how many updates
-each row took; and, for the energy trace, each step's row log-sum-exp. The backward is the op
-accel::hopfield_update_backward: it recomputes each step's association from q_t and runs the steps
-backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
+the backward needs: the state pattern q_t of every step and its softmax's row statistics, the maximum and 1/sum
+(O(steps L d), not O(steps L S); their log-sum-exps max - log(1/sum) also give the energy trace), and how many
+updates each row took. The backward is the op accel::hopfield_update_backward: it rebuilds each step's
+association from them in one pass, P = exp(beta q_t k^T + mask - max) / sum, as the forward had it (rebuilding
+it as exp(logits - lse) instead doubles P's float32 error: lse's rounding error scales with |lse|), and runs
+the steps backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
 The kernels: on the CPU, C++ (csrc/cpu/hopfield_update.cpp: one task per head, blocks of rows whose logits stay
-in cache); on CUDA, a Triton forward that runs all steps in registers with an online softmax
-(kernels/hopfield_update.py) where it covers the call; elsewhere, and for the CUDA backward, the PyTorch
-kernels below: matrix products and one softmax per step.
+in cache); on CUDA, Triton (kernels/hopfield_update.py) where it covers the call: a forward that runs all steps
+in registers with an online softmax, and a FlashAttention-2 style backward, per step one kernel over blocks of
+rows for dq and one over blocks of stored patterns for dk and dv; elsewhere the PyTorch kernels below: matrix
+products and one softmax per step.
 """
 import math
 
@@ -20,9 +23,9 @@ from accel.ops._library import lib, triton_available, triton_kernel
 from accel.ops.hopfield_energy import energy_from_lse
 
 lib.define("hopfield_update(Tensor q, Tensor k, Tensor v, Tensor beta, int steps, Tensor? mask, float? eps, "
-           "bool return_association, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "bool return_association) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 lib.define("hopfield_update_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? mask, "
-           "Tensor saved_q, Tensor taken) -> (Tensor, Tensor, Tensor, Tensor)")
+           "Tensor saved_q, Tensor stats, Tensor taken) -> (Tensor, Tensor, Tensor, Tensor)")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _BLOCK_ELEMENTS = 1 << 24  # logits of one block of rows: at most this many values (64 MiB in float32)
@@ -84,19 +87,20 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
     if return_energy and mask is not None:
         raise ValueError(f"{op}: `return_energy` is defined for all stored patterns or key padding, not with `mask`")
     additive = _additive_mask(op, mask, key_padding_mask, (B, H, L, S), q)
-    out, association, saved_q, lse, _ = torch.ops.accel.hopfield_update(q, k, v, beta.to(q.dtype), steps, additive,
+    out, association, saved_q, stats, _ = torch.ops.accel.hopfield_update(q, k, v, beta.to(q.dtype), steps, additive,
                                                                         None if eps is None else float(eps),
-                                                                        return_association, return_energy)
+                                                                        return_association)
     results = [out]
     if return_association:
         results.append(association)
     if return_energy:
-        results.append(_energies(saved_q.detach(), lse.detach(), k.detach(), beta.detach(), key_padding_mask))
+        results.append(_energies(saved_q.detach(), stats.detach(), k.detach(), beta.detach(), key_padding_mask))
     return tuple(results) if len(results) > 1 else out
 
 
-def _energies(saved_q, lse, k, beta, key_padding_mask):
-    """E(q_t) per row and step from the saved log-sum-exps (accel.ops.hopfield_energy's formula)."""
+def _energies(saved_q, stats, k, beta, key_padding_mask):
+    """E(q_t) per row and step from the saved row statistics' log-sum-exps (accel.ops.hopfield_energy's formula)."""
+    lse = stats[..., 0] - torch.log(stats[..., 1])
     norms = k.norm(dim=-1)  # (B or 1, H, S)
     count = torch.full(norms.shape[:2], float(k.shape[2]), dtype=k.dtype, device=k.device)
     if key_padding_mask is not None:
@@ -150,17 +154,11 @@ def _logits(qt, kt, beta, m):
     return logits if m is None else logits + m
 
 
-def _association(qt, kt, beta, m):
-    """P = softmax(beta q k^T + m): whole rows, one fused softmax (torch.logsumexp followed by
-    exp(logits - lse) took 3x as long here)."""
-    return torch.softmax(_logits(qt, kt, beta, m), dim=-1)
-
-
-def _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse):
+def _forward(q, k, v, beta, steps, mask, eps, return_association):
     B, H, L, d = q.shape
     S = k.shape[2]
     saved_q = q.new_empty(steps + 1, B, H, L, d)
-    lse = q.new_empty(steps + 1, B, H, L) if return_lse else q.new_empty(0)
+    stats = q.new_empty(steps + 1, B, H, L, 2)
     taken = torch.zeros(B, H, L, dtype=torch.long, device=q.device)
     out = q.new_empty(B, H, L, v.shape[3])
     association = q.new_empty(B, H, L, S) if return_association else q.new_empty(0)
@@ -174,8 +172,8 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse):
             saved_q[t, :, :, rows] = qt
             logits = _logits(qt, kt, beta, m)
             p = torch.softmax(logits, dim=-1)
-            if return_lse:  # max - log max P: no second pass of exponentials
-                lse[t, :, :, rows] = logits.amax(-1) - torch.log(p.amax(-1))
+            stats[t, :, :, rows, 0] = logits.amax(-1)
+            stats[t, :, :, rows, 1] = p.amax(-1)  # P at the maximum is e^0 / sum
             if t == steps:
                 out[:, :, rows] = p @ v
                 if return_association:
@@ -187,10 +185,10 @@ def _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse):
                 previous = p
             qt = torch.where(active.unsqueeze(-1), p @ k, qt)
             taken[:, :, rows] += active
-    return out, association, saved_q, lse, taken
+    return out, association, saved_q, stats, taken
 
 
-def _backward(grad, q, k, v, beta, mask, saved_q, taken):
+def _backward(grad, q, k, v, beta, mask, saved_q, stats, taken):
     steps = saved_q.shape[0] - 1
     B, H, L, d = q.shape
     S = k.shape[2]
@@ -218,8 +216,9 @@ def _backward(grad, q, k, v, beta, mask, saved_q, taken):
             return beta * ds_k
 
         def association(t):
-            """P of step t, recomputed from q_t."""
-            return _association(saved_q[t, :, :, rows], kt, beta, m)
+            """P of step t, rebuilt from q_t and its row statistics."""
+            top, inv_sum = stats[t, :, :, rows, 0:1], stats[t, :, :, rows, 1:2]
+            return torch.exp(_logits(saved_q[t, :, :, rows], kt, beta, m) - top) * inv_sum
 
         # the retrieval out = P_T V
         g = grad[:, :, rows]
@@ -239,61 +238,71 @@ def _backward(grad, q, k, v, beta, mask, saved_q, taken):
     return grad_q, grad_k, grad_v, grad_beta.to(beta.dtype)
 
 
-def _forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse):
+def _forward_kernel(q, k, v, beta, steps, mask, eps, return_association):
     with torch.no_grad():
-        return _forward(q, k, v, beta, steps, mask, eps, return_association, return_lse)
+        return _forward(q, k, v, beta, steps, mask, eps, return_association)
 
 
-def _backward_kernel(grad, q, k, v, beta, mask, saved_q, taken):
+def _backward_kernel(grad, q, k, v, beta, mask, saved_q, stats, taken):
     with torch.no_grad():
-        return _backward(grad.contiguous(), q, k, v, beta, mask, saved_q, taken)
+        return _backward(grad.contiguous(), q, k, v, beta, mask, saved_q, stats, taken)
 
 
 _triton_supports = triton_kernel("hopfield_update", "supports")
 _triton_forward = triton_kernel("hopfield_update", "forward")
+_triton_supports_backward = triton_kernel("hopfield_update", "supports_backward")
+_triton_backward = triton_kernel("hopfield_update", "backward")
 
 
-def _cuda_forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse):
+def _cuda_forward_kernel(q, k, v, beta, steps, mask, eps, return_association):
     """The Triton forward where it covers the call (kernels/hopfield_update.py), else the PyTorch one."""
-    if not _triton_supports(q, eps, return_association, return_lse):
-        return _forward_kernel(q, k, v, beta, steps, mask, eps, return_association, return_lse)
-    out, saved_q = _triton_forward(q, k, v, beta, steps, mask)
+    if not _triton_supports(q, eps, return_association):
+        return _forward_kernel(q, k, v, beta, steps, mask, eps, return_association)
+    out, saved_q, stats = _triton_forward(q, k, v, beta, steps, mask)
     taken = torch.full(q.shape[:3], steps, dtype=torch.long, device=q.device)  # no stopping rule: every step
-    return out, q.new_empty(0), saved_q, q.new_empty(0), taken
+    return out, q.new_empty(0), saved_q, stats, taken
+
+
+def _cuda_backward_kernel(grad, q, k, v, beta, mask, saved_q, stats, taken):
+    """The Triton backward where it covers the call (kernels/hopfield_update.py), else the PyTorch one."""
+    if not _triton_supports_backward(q):
+        return _backward_kernel(grad, q, k, v, beta, mask, saved_q, stats, taken)
+    return _triton_backward(grad, q, k, v, beta, mask, saved_q, stats, taken)
 
 
 lib.impl("hopfield_update", _forward_kernel, "CompositeExplicitAutograd")
 lib.impl("hopfield_update_backward", _backward_kernel, "CompositeExplicitAutograd")
 if triton_available():
     lib.impl("hopfield_update", _cuda_forward_kernel, "CUDA")
+    lib.impl("hopfield_update_backward", _cuda_backward_kernel, "CUDA")
 
 
 @torch.library.register_fake("accel::hopfield_update")
-def _fake(q, k, v, beta, steps, mask, eps, return_association, return_lse):
+def _fake(q, k, v, beta, steps, mask, eps, return_association):
     B, H, L, d = q.shape
     S = k.shape[2]
     association = q.new_empty(B, H, L, S) if return_association else q.new_empty(0)
-    lse = q.new_empty(steps + 1, B, H, L) if return_lse else q.new_empty(0)
-    return (q.new_empty(B, H, L, v.shape[3]), association, q.new_empty(steps + 1, B, H, L, d), lse,
+    return (q.new_empty(B, H, L, v.shape[3]), association, q.new_empty(steps + 1, B, H, L, d),
+            q.new_empty(steps + 1, B, H, L, 2),
             q.new_empty(B, H, L, dtype=torch.long))
 
 
 @torch.library.register_fake("accel::hopfield_update_backward")
-def _backward_fake(grad, q, k, v, beta, mask, saved_q, taken):
+def _backward_fake(grad, q, k, v, beta, mask, saved_q, stats, taken):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, steps, mask, eps, return_association, return_lse = inputs
-    _, association, saved_q, lse, taken = output
-    ctx.mark_non_differentiable(association, saved_q, lse, taken)
-    ctx.save_for_backward(q, k, v, beta, mask, saved_q, taken)
+    q, k, v, beta, steps, mask, eps, return_association = inputs
+    _, association, saved_q, stats, taken = output
+    ctx.mark_non_differentiable(association, saved_q, stats, taken)
+    ctx.save_for_backward(q, k, v, beta, mask, saved_q, stats, taken)
 
 
 def _autograd_backward(ctx, grad, *unused):
-    q, k, v, beta, mask, saved_q, taken = ctx.saved_tensors
-    gq, gk, gv, gbeta = torch.ops.accel.hopfield_update_backward(grad, q, k, v, beta, mask, saved_q, taken)
-    return gq, gk, gv, gbeta, None, None, None, None, None
+    q, k, v, beta, mask, saved_q, stats, taken = ctx.saved_tensors
+    gq, gk, gv, gbeta = torch.ops.accel.hopfield_update_backward(grad, q, k, v, beta, mask, saved_q, stats, taken)
+    return gq, gk, gv, gbeta, None, None, None, None
 
 
 torch.library.register_autograd("accel::hopfield_update", _autograd_backward, setup_context=_setup_context)

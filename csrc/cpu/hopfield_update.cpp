@@ -4,10 +4,11 @@
 // within it blocks of state patterns whose logits (rows x S) take at most kBlockElements values, so each
 // step's logits, softmax and products stay in cache instead of streaming the L x S tensor of all heads through
 // memory several times per step. The products are ATen's (MKL; one thread each inside the parallel loop);
-// everything between them is one pass per row here:
-// - the softmax, in place over a row in L1, with a vectorised exp for float32 (ATen's softmax took 70% of a
-//   product's time at 256 x 1024 x 64, most of it in exp);
-// - its backward dS = P (dP - <P, dP>), in place in dP;
+// everything between them is as few passes per row as the data allows:
+// - the forward's softmax: a max pass and one exp pass, with a vectorised exp for float32 (ATen's softmax took
+//   70% of a product's time at 256 x 1024 x 64, most of it in exp); its 1/sum scales the (rows, width) product;
+// - the backward rebuilds P from the logits and the saved row statistics in the pass that takes <P, dP>, then
+//   writes dS = P (dP - <P, dP>) in place in dP: two passes where recomputing the softmax took five;
 // - the stored patterns' gradients accumulate transposed, (d, S) += (n, d)^T (n, S): MKL runs that at
 //   37 GMAC/s against 27 for (S, d) += (n, S)^T (n, d) (PatternGradient).
 // Every reduction across tasks (beta's gradient, the gradient of stored patterns shared by the batch) goes
@@ -22,6 +23,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 #include "cpu/simd.h"
@@ -33,25 +35,27 @@ constexpr int64_t kBlockElements = int64_t{1} << 18;  // logits of one block of 
 
 int64_t block_rows(int64_t L, int64_t S) { return std::max<int64_t>(1, std::min(L, kBlockElements / std::max<int64_t>(1, S))); }
 
-// ---- One row of S logits: softmax in place (returning the log-sum-exp) and its backward ----
+// ---- One row of S logits: the softmax's exponentials (returning the log-sum-exp), and its backward ----
 //
-// A row whose logits are all -inf (every stored pattern masked) or hold a NaN becomes NaN, as in torch.softmax.
+// The forward leaves the exponentials e^(x - max) unnormalised and keeps the row's statistics (max, 1/sum); the
+// 1/sum is applied to the (rows, d) product instead of the (rows, S) association. The backward rebuilds P from
+// the logits and those statistics, P = e^(x - max) / sum as the forward had it, in the same pass that takes
+// <P, dP> (P = e^(x - lse) would save a multiply but doubles P's float32 error). A row whose logits are all -inf
+// (every stored pattern masked) or hold a NaN gives NaN, as in torch.softmax.
 
 template <typename T>
-T softmax_row_portable(T* x, int64_t S) {
+std::pair<T, T> exp_row_portable(T* x, int64_t S) {  // (max, sum of the exponentials)
   T top = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < S; ++i) top = std::max(top, x[i]);
   T sum = 0;
   for (int64_t i = 0; i < S; ++i) sum += (x[i] = std::exp(x[i] - top));
-  const T scale = T(1) / sum;
-  for (int64_t i = 0; i < S; ++i) x[i] *= scale;
-  return top + std::log(sum);
+  return {top, sum};
 }
 
 template <typename T>
-void softmax_backward_row_portable(const T* p, T* dp, int64_t S) {
+void softmax_backward_row_portable(T* p, T* dp, T top, T inv_sum, int64_t S) {
   T dot = 0;
-  for (int64_t i = 0; i < S; ++i) dot += p[i] * dp[i];
+  for (int64_t i = 0; i < S; ++i) dot += (p[i] = std::exp(p[i] - top) * inv_sum) * dp[i];
   for (int64_t i = 0; i < S; ++i) dp[i] = p[i] * (dp[i] - dot);
 }
 
@@ -68,9 +72,9 @@ ACCEL_AVX2 inline float horizontal_max(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-// e^x for x <= 0 (a logit minus its row's maximum), within 2 ulp: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
-// its degree-7 Taylor-like minimax polynomial (Cephes' expf), 2^n put into the exponent bits. Below -87.3,
-// where e^x leaves the normal floats, the result is 0; a NaN stays NaN.
+// e^x for x <= 0 (a logit minus its row's maximum or log-sum-exp), within 2 ulp: x = n ln 2 + r with
+// |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like minimax polynomial (Cephes' expf), 2^n put into the exponent
+// bits. Below -87.3, where e^x leaves the normal floats, the result is 0; a NaN stays NaN.
 ACCEL_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-87.3f);
   const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_NLT_UQ);  // true for NaN
@@ -90,7 +94,7 @@ ACCEL_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(poly, _mm256_castsi256_ps(two_n)), keep);
 }
 
-ACCEL_AVX2 float softmax_row_avx2(float* x, int64_t S) {
+ACCEL_AVX2 std::pair<float, float> exp_row_avx2(float* x, int64_t S) {
   const int64_t S8 = S - S % 8;
   __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < S8; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + i));
@@ -105,18 +109,20 @@ ACCEL_AVX2 float softmax_row_avx2(float* x, int64_t S) {
   }
   float sum = horizontal_sum(sum8);
   for (int64_t i = S8; i < S; ++i) sum += (x[i] = std::exp(x[i] - top));
-  const __m256 scale = _mm256_set1_ps(1.0f / sum);
-  for (int64_t i = 0; i < S8; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), scale));
-  for (int64_t i = S8; i < S; ++i) x[i] *= 1.0f / sum;
-  return top + std::log(sum);
+  return {top, sum};
 }
 
-ACCEL_AVX2 void softmax_backward_row_avx2(const float* p, float* dp, int64_t S) {
+ACCEL_AVX2 void softmax_backward_row_avx2(float* p, float* dp, float top, float inv_sum, int64_t S) {
   const int64_t S8 = S - S % 8;
+  const __m256 top_v = _mm256_set1_ps(top), inv_v = _mm256_set1_ps(inv_sum);
   __m256 dot8 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < S8; i += 8) dot8 = _mm256_fmadd_ps(_mm256_loadu_ps(p + i), _mm256_loadu_ps(dp + i), dot8);
+  for (int64_t i = 0; i < S8; i += 8) {
+    const __m256 e = _mm256_mul_ps(exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), top_v)), inv_v);
+    _mm256_storeu_ps(p + i, e);
+    dot8 = _mm256_fmadd_ps(e, _mm256_loadu_ps(dp + i), dot8);
+  }
   float dot = horizontal_sum(dot8);
-  for (int64_t i = S8; i < S; ++i) dot += p[i] * dp[i];
+  for (int64_t i = S8; i < S; ++i) dot += (p[i] = std::exp(p[i] - top) * inv_sum) * dp[i];
   const __m256 dot_v = _mm256_set1_ps(dot);
   for (int64_t i = 0; i < S8; i += 8)
     _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(dp + i), dot_v)));
@@ -124,42 +130,45 @@ ACCEL_AVX2 void softmax_backward_row_avx2(const float* p, float* dp, int64_t S) 
 }
 #endif
 
-// Softmax over each row of x (n, S) contiguous, in place; the rows' log-sum-exps into lse when given.
+// x <- e^(x - rowmax) over each row of the logits x (n, S) contiguous, in place; each row's statistics
+// (max, 1/sum) into stats (n, 2) and its 1/sum also into inv_sum (n).
 template <typename T>
-void softmax_rows(const at::Tensor& x, T* lse) {
+void exp_rows(const at::Tensor& x, T* stats, const at::Tensor& inv_sum) {
   const int64_t n = x.size(0), S = x.size(1);
   T* data = x.data_ptr<T>();
+  T* inv = inv_sum.data_ptr<T>();
   for (int64_t r = 0; r < n; ++r) {
-    T row_lse;
+    std::pair<T, T> top_sum;
 #if defined(ACCEL_X86_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      row_lse = cpu_has_avx2() ? softmax_row_avx2(data + r * S, S) : softmax_row_portable(data + r * S, S);
+      top_sum = cpu_has_avx2() ? exp_row_avx2(data + r * S, S) : exp_row_portable(data + r * S, S);
     } else
 #endif
-      row_lse = softmax_row_portable(data + r * S, S);
-    if (lse) lse[r] = row_lse;
+      top_sum = exp_row_portable(data + r * S, S);
+    stats[2 * r] = top_sum.first;
+    stats[2 * r + 1] = inv[r] = T(1) / top_sum.second;
   }
 }
 
-// dp <- P (dp - rowsum(dp P)) for P, dp (n, S) contiguous: the softmax's backward, in place.
+// From the logits (n, S) in p, dP (n, S) in dp, both contiguous, and the rows' statistics (n, 2): P into p and
+// the softmax's backward dS = P (dP - rowsum(dP P)) into dp.
 template <typename T>
-void softmax_backward_rows(const at::Tensor& p, const at::Tensor& dp) {
+void softmax_backward_rows(const at::Tensor& p, const at::Tensor& dp, const T* stats) {
   const int64_t n = p.size(0), S = p.size(1);
-  const T* pd = p.data_ptr<T>();
+  T* pd = p.data_ptr<T>();
   T* dd = dp.data_ptr<T>();
   for (int64_t r = 0; r < n; ++r) {
 #if defined(ACCEL_X86_AVX2)
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx2()) {
-        softmax_backward_row_avx2(pd + r * S, dd + r * S, S);
+        softmax_backward_row_avx2(pd + r * S, dd + r * S, stats[2 * r], stats[2 * r + 1], S);
         continue;
       }
     }
 #endif
-    softmax_backward_row_portable(pd + r * S, dd + r * S, S);
+    softmax_backward_row_portable(pd + r * S, dd + r * S, stats[2 * r], stats[2 * r + 1], S);
   }
 }
-
 // ---- Per (batch, head) ----
 
 // The (L, S) mask of one (batch, head), a view of the broadcasting (B', H', L', S') additive mask.
@@ -188,15 +197,13 @@ struct Head {
         v(v_all.select(0, v_all.size(0) == 1 ? 0 : b).select(0, h)),
         mask(head_mask(mask_all, b, h, L, k.size(0))) {}
 
-  // The association softmax(beta q k^T + mask) of a block of rows q (n, d), into p (n, S); beta q into
-  // scaled (n, d), which the backward reuses; the rows' log-sum-exps into lse when given.
+  // The logits beta q k^T + mask of a block of rows q (n, d), into p (n, S); beta q into scaled (n, d), which
+  // the backward reuses.
   template <typename T>
-  void association(const at::Tensor& q, T beta, int64_t r0, const at::Tensor& scaled, const at::Tensor& p,
-                   T* lse) const {
+  void logits(const at::Tensor& q, T beta, int64_t r0, const at::Tensor& scaled, const at::Tensor& p) const {
     at::mul_out(const_cast<at::Tensor&>(scaled), q, beta);  // beta scales the n x d side, not the n x S one
     at::mm_out(const_cast<at::Tensor&>(p), scaled, kt);
     if (mask.has_value()) p.add_(mask->narrow(0, r0, p.size(0)));
-    softmax_rows<T>(p, lse);
   }
 };
 
@@ -213,16 +220,16 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, T beta, int64_t steps,
                   const std::optional<at::Tensor>& mask, std::optional<double> eps, bool return_association,
-                  const at::Tensor& out, const at::Tensor& assoc, const at::Tensor& saved_q, const at::Tensor& lse,
-                  const at::Tensor& taken) {
+                  const at::Tensor& out, const at::Tensor& assoc, const at::Tensor& saved_q,
+                  const at::Tensor& stats, const at::Tensor& taken) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
   const int64_t rows = block_rows(L, S);
-  const bool with_lse = lse.numel() > 0;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     at::NoGradGuard no_grad_here;  // grad mode is per thread
     auto p_buffer = at::empty({rows, S}, q.options());
     auto q_buffer = at::empty({2, rows, d}, q.options());
     auto scaled_buffer = at::empty({rows, d}, q.options());
+    auto inv_sum_buffer = at::empty({rows}, q.options());
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const Head head(k, v, mask, b, h, L);
@@ -230,20 +237,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t n = std::min(rows, L - r0);
         auto rows_of = [&](const at::Tensor& x) { return x.select(0, b).select(0, h).narrow(0, r0, n); };
         const auto p = p_buffer.narrow(0, 0, n), scaled = scaled_buffer.narrow(0, 0, n);
+        const auto inv_sum = inv_sum_buffer.narrow(0, 0, n);
         auto qt = q_buffer.select(0, 0).narrow(0, 0, n), q_next = q_buffer.select(0, 1).narrow(0, 0, n);
         qt.copy_(rows_of(q));
         auto active = at::ones({n}, q.options().dtype(at::kBool));
         at::Tensor previous;
         for (int64_t t = 0; t <= steps; ++t) {
           rows_of(saved_q.select(0, t)).copy_(qt);
-          head.association<T>(qt, beta, r0, scaled, p, with_lse ? rows_of(lse.select(0, t)).template data_ptr<T>() : nullptr);
-          if (t == steps) {
-            auto out_rows = rows_of(out);
-            at::mm_out(out_rows, p, head.v);
+          head.logits<T>(qt, beta, r0, scaled, p);
+          exp_rows<T>(p, rows_of(stats.select(0, t)).template data_ptr<T>(), inv_sum);
+          // P = diag(1/sum) E: the 1/sum scales the (n, width) product, unless P itself is needed
+          const bool retrieval = t == steps, need_p = retrieval ? return_association : eps.has_value();
+          if (need_p) p.mul_(inv_sum.unsqueeze(1));
+          auto product = retrieval ? rows_of(out) : q_next;
+          at::mm_out(product, p, retrieval ? head.v : head.k);
+          if (!need_p) product.mul_(inv_sum.unsqueeze(1));
+          if (retrieval) {
             if (return_association) rows_of(assoc).copy_(p);
             break;
           }
-          at::mm_out(q_next, p, head.k);
           if (eps.has_value()) {  // the row's last update changed its association by less than eps
             if (previous.defined())
               active &= at::linalg_vector_norm(p - previous, 2, at::IntArrayRef{-1}, false, std::nullopt) >= *eps;
@@ -260,22 +272,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& beta, int64_t steps,
-    const std::optional<at::Tensor>& mask, std::optional<double> eps, bool return_association, bool return_lse) {
+    const std::optional<at::Tensor>& mask, std::optional<double> eps, bool return_association) {
   check(q_in, k_in, v_in, beta);
   TORCH_CHECK(steps >= 0, "hopfield_update: steps must be >= 0, got ", steps);
   at::NoGradGuard no_grad;  // a kernel: the op's autograd formula is registered in Python
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2), dv = v.size(3);
   auto saved_q = at::empty({steps + 1, B, H, L, d}, q.options());
-  auto lse = return_lse ? at::empty({steps + 1, B, H, L}, q.options()) : q.new_empty({0});
+  auto stats = at::empty({steps + 1, B, H, L, 2}, q.options());
   auto taken = at::zeros({B, H, L}, q.options().dtype(at::kLong));
   auto out = at::empty({B, H, L, dv}, q.options());
   auto assoc = return_association ? at::empty({B, H, L, S}, q.options()) : q.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hopfield_update", [&] {
     forward_impl<scalar_t>(q, k, v, beta.item<scalar_t>(), steps, mask, eps, return_association, out, assoc, saved_q,
-                           lse, taken);
+                           stats, taken);
   });
-  return {out, assoc, saved_q, lse, taken};
+  return {out, assoc, saved_q, stats, taken};
 }
 
 // Adds left^T right to the gradient of one head's stored patterns or values, for left (n, w) and right (n, S):
@@ -300,9 +312,9 @@ struct PatternGradient {
 
 template <typename T>
 void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v, T beta,
-                   const std::optional<at::Tensor>& mask, const at::Tensor& saved_q, const at::Tensor& taken,
-                   const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
-                   const at::Tensor& grad_beta) {
+                   const std::optional<at::Tensor>& mask, const at::Tensor& saved_q, const at::Tensor& stats,
+                   const at::Tensor& taken, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                   const at::Tensor& grad_v, const at::Tensor& grad_beta) {
   const int64_t steps = saved_q.size(0) - 1;
   const int64_t B = grad_q.size(0), H = grad_q.size(1), L = grad_q.size(2), d = grad_q.size(3);
   const int64_t S = k.size(2);
@@ -326,32 +338,33 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor
         const auto p = p_buffer.narrow(0, 0, n), ds = ds_buffer.narrow(0, 0, n);
         const auto scaled = scaled_buffer.narrow(0, 0, n);
         auto ds_k = ds_k_buffer.narrow(0, 0, n);
-        // P_t, and beta q_t in `scaled`
-        auto association = [&](int64_t t) { head.association<T>(rows_of(saved_q.select(0, t)), beta, r0, scaled, p, nullptr); };
-        // ds holds dP on entry. With logits = beta q_t k^T + mask: dS = P (dP - rowsum(dP P)); then beta's
-        // gradient sum dS o (q_t k^T) = sum q_t . (dS k), k's beta dS^T q_t, and q_t's beta dS k (returned).
+        // step t's logits into p, and beta q_t into `scaled`
+        auto logits = [&](int64_t t) { head.logits<T>(rows_of(saved_q.select(0, t)), beta, r0, scaled, p); };
+        // p holds the logits and ds dP on entry. P into p, and with logits = beta q_t k^T + mask:
+        // dS = P (dP - rowsum(dP P)) into ds; then beta's gradient sum dS o (q_t k^T) = sum q_t . (dS k), k's
+        // beta dS^T q_t, and q_t's beta dS k (returned).
         auto logits_backward = [&](int64_t t) {
-          softmax_backward_rows<T>(p, ds);
+          softmax_backward_rows<T>(p, ds, rows_of(stats.select(0, t)).template data_ptr<T>());
           at::mm_out(ds_k, ds, head.k);
           gbeta += at::sum(rows_of(saved_q.select(0, t)) * ds_k, at::kDouble).template item<double>();
           gk.add(scaled, ds);
           return ds_k * beta;
         };
         const auto g = rows_of(grad);
-        association(steps);  // the retrieval out = P_T V
-        gv.add(g, p);
+        logits(steps);  // the retrieval out = P_T V
         at::mm_out(const_cast<at::Tensor&>(ds), g, vt);
         auto dq = logits_backward(steps);
+        gv.add(g, p);
         const auto rows_taken = rows_of(taken);
         const bool stopping = (rows_taken < steps).any().template item<bool>();
         for (int64_t t = steps - 1; t >= 0; --t) {
           // q_{t+1} = P_t k for the rows still updating at step t; the rows that had stopped carry dq through
           const auto active = (rows_taken > t).unsqueeze(-1);
           const auto dq_next = stopping ? at::where(active, dq, at::zeros({}, dq.options())) : dq;
-          association(t);
-          gk.add(dq_next, p);
+          logits(t);
           at::mm_out(const_cast<at::Tensor&>(ds), dq_next, head.kt);
           auto dq_t = logits_backward(t);
+          gk.add(dq_next, p);
           dq = stopping ? at::where(active, dq_t, dq) : dq_t;
         }
         rows_of(grad_q).copy_(dq);
@@ -365,7 +378,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& beta,
-    const std::optional<at::Tensor>& mask, const at::Tensor& saved_q, const at::Tensor& taken) {
+    const std::optional<at::Tensor>& mask, const at::Tensor& saved_q, const at::Tensor& stats, const at::Tensor& taken) {
   check(q, k_in, v_in, beta);
   at::NoGradGuard no_grad;
   const auto k = k_in.contiguous(), v = v_in.contiguous();
@@ -375,8 +388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_v = at::empty({B, H, S, dv}, v.options());
   auto grad_beta = at::empty({B, H}, q.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hopfield_update_backward", [&] {
-    backward_impl<scalar_t>(grad.contiguous(), k, v, beta.item<scalar_t>(), mask, saved_q.contiguous(), taken,
-                            grad_q, grad_k, grad_v, grad_beta);
+    backward_impl<scalar_t>(grad.contiguous(), k, v, beta.item<scalar_t>(), mask, saved_q.contiguous(),
+                            stats.contiguous(), taken, grad_q, grad_k, grad_v, grad_beta);
   });
   if (k.size(0) == 1 && B != 1) {
     grad_k = grad_k.sum(0, true);
