@@ -2,7 +2,8 @@
 from accel import _extension
 from accel import ops, reference
 from accel.nn.quant import quantize_
+from accel.ode import odeint
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "quantize_", "reference", "__version__"]
+__all__ = ["odeint", "ops", "quantize_", "reference", "__version__"]

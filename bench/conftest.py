@@ -41,7 +41,8 @@ def pytest_generate_tests(metafunc):
     params = [(case, pass_, impl)
               for case in all_cases(quick, device, [metafunc.module.OP])
               for pass_ in case.passes
-              for impl in (*harness.BUILTIN_IMPLS, *case.peers)]
+              for impl in (*harness.BUILTIN_IMPLS, *case.peers)
+              if impl != "compiled" or case.compile]
     ids = [f"{case.name}-{pass_}-{impl}" for case, pass_, impl in params]
     metafunc.parametrize("bench_param", params, ids=ids)
 

@@ -11,7 +11,7 @@ from accel.benchmark.harness import Case
 
 # One entry per op with benchmark cases: the module accel.benchmark.<name>.
 OP_MODULES = ("mixed_op", "darts_edge", "darts_cell", "krylov_kernel", "lssl", "hopfield_update", "binary_matmul",
-              "quant_matmul")
+              "quant_matmul", "ode")
 
 
 def all_cases(quick: bool, device: torch.device | str, ops: list[str] | None = None) -> list[Case]:

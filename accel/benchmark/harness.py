@@ -1,8 +1,8 @@
 """The benchmark engine, generic over ops: times every implementation of a case side by side.
 
 A `Case` names one problem (op, shape, inputs) and the callables that solve it: the fast op, the eager
-reference, and optional outside peers; the harness adds `torch.compile(reference)` itself. For each case
-the harness
+reference, and optional outside peers; the harness adds `torch.compile(reference)` itself (unless the case
+says ``compile=False``). For each case the harness
 
 - times the forward pass and the forward+backward pass of every implementation, interleaved in rounds
   (A, B, C, A, B, C, ...) so that machine noise hits all of them alike, and reports the median and the
@@ -44,6 +44,7 @@ class Case:
     inputs and return one tensor. ``bytes_moved`` and ``flops`` are what the fast op must move and compute,
     per pass (keys of `PASSES`), for the roofline. ``size`` (the problem size, e.g. input bytes) and
     ``sweeps`` (names of the size sweeps the case belongs to) place the case in the report's plot.
+    ``compile=False`` leaves out the compiled reference; ``info`` adds numbers per implementation (see below).
     """
 
     name: str
@@ -59,6 +60,9 @@ class Case:
     size: float | None = None
     sweeps: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
+    compile: bool = True  # False: no torch.compile(reference) (e.g. an adaptive solver, whose host syncs break graphs)
+    # info(name, fn, inputs): an implementation's extra numbers (e.g. {"nfe": 38}), recorded and shown beside its times
+    info: Callable[[str, Callable, tuple], dict] | None = None
 
     @property
     def passes(self) -> tuple[str, ...]:
@@ -208,8 +212,8 @@ def roofline_seconds(case: Case, pass_: str, limits: dict) -> float:
 def implementations(case: Case) -> dict[str, Callable]:
     """fast, eager, compiled, then the peers. The compiled reference is made fresh for each case, with
     static shapes, so no case sees another case's graph or a dynamic-shape recompile."""
-    compiled = torch.compile(case.reference, dynamic=False)
-    return {"fast": case.fast, "eager": case.reference, "compiled": compiled, **case.peers}
+    compiled = {"compiled": torch.compile(case.reference, dynamic=False)} if case.compile else {}
+    return {"fast": case.fast, "eager": case.reference, **compiled, **case.peers}
 
 
 def tensors_in(inputs: Iterable) -> list[torch.Tensor]:
@@ -359,7 +363,13 @@ def _warm_up(name: str, fn: Callable, case: Case, p: Prepared, settings: Setting
         log(f"    {name:<10} FAILED: {info['error']}")
         return info
     info["warmup_s"] = time.perf_counter() - start
-    log(f"    {name:<10} warm-up {info['warmup_s']:6.1f} s   max|out - eager| {info['max_abs_diff']:.2e}")
+    if case.info is not None:
+        try:
+            info["info"] = case.info(name, fn, p.inputs)
+        except Exception as exc:  # the extra numbers are a bonus: their failure leaves the timing alone
+            info["info"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    extra = "".join(f"   {k} {v}" for k, v in info.get("info", {}).items())
+    log(f"    {name:<10} warm-up {info['warmup_s']:6.1f} s   max|out - eager| {info['max_abs_diff']:.2e}{extra}")
     return info
 
 

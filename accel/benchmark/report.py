@@ -118,7 +118,9 @@ def _row(cells: list[str]) -> str:
 def _fmt_time(stats: dict | None, info: dict | None) -> str:
     if stats is None:
         return "failed" if info and "error" in info else "—"
-    return f"{format_seconds(stats['median_s'])} [{format_seconds(stats['iqr_s'])}]"
+    extra = (info or {}).get("info")  # a case's numbers per implementation (e.g. nfe), beside its time
+    extra = " (" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")" if extra else ""
+    return f"{format_seconds(stats['median_s'])} [{format_seconds(stats['iqr_s'])}]{extra}"
 
 
 def _fmt_ratio(ratio: float | None) -> str:

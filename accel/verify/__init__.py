@@ -11,11 +11,13 @@ import torch
 from accel.numerics import judge
 from accel.verify import (batch_norm_mix, binary_matmul, causal_conv, darts_pool_branches, depthwise_conv2d,
                           hopfield_update, krylov_kernel, mixed_op, quant_matmul)
+from accel.verify import rk_finalize, rk_stage
 
 OP_MODULES = {"mixed_op": mixed_op, "depthwise_conv2d": depthwise_conv2d, "darts_pool_branches": darts_pool_branches,
               "batch_norm_mix": batch_norm_mix, "krylov_kernel": krylov_kernel, "causal_conv": causal_conv,
               "hopfield_update": hopfield_update, "binary_matmul": binary_matmul,
               "quant_matmul": quant_matmul}
+OP_MODULES.update({"rk_stage": rk_stage, "rk_finalize": rk_finalize})
 
 
 @dataclass

@@ -1,0 +1,295 @@
+"""accel.odeint: adaptive explicit Runge-Kutta integration of a batch, every sample with its own step size,
+over the fused step ops accel.ops.rk_stage and accel.ops.rk_finalize. The reference is accel/reference/ode.py
+(the same tableaus, error norm, initial step, controllers and output rule, one sample at a time).
+
+One iteration of the loop attempts one step for every sample at once: the stages (one rk_stage per stage), then
+rk_finalize's error norm and stiffness estimate per sample, then the per-sample accept/reject and the next step
+size, all as tensor operations. Nothing in an iteration reads a value back to the host; whether every sample has
+reached the last output time (and whether a step size underflowed) is checked every `check_every` iterations.
+A sample that has finished takes steps of size 0, which leave it unchanged.
+
+Output times: a step that would pass a sample's next output time is shortened to end on it (as the reference
+does), and the state is recorded there.
+
+Gradients (the discrete adjoint): the forward keeps, per iteration, only the state before the step, its time,
+step size and acceptance, O(iterations B D). The backward runs the iterations in reverse, recomputes each
+accepted step's stages from its saved state with autograd on, and pulls the adjoint through it. Step sizes and
+accept/reject decisions are constants of the backward: it differentiates the discrete map the solver took.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from accel.ops.rk_control import rk_accept, rk_begin
+from accel.ops.rk_finalize import rk_finalize
+from accel.ops.rk_stage import rk_stage
+from accel.reference.ode import METHODS, Tableau, initial_step
+
+CONTROLLERS = ("I", "PI")
+
+
+def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8, *,
+           controller: str = "I", safety: float = 0.9, first_step: float | None = None, step_size: float | None = None,
+           min_step: float = 0.0, max_steps: int = 100_000, check_every: int | None = None, params=None,
+           return_stats: bool = False):
+    """Solves dy/dt = func(t, y) for a batch of initial states and returns y at the times of ``t``.
+
+    Args:
+        func: ``func(t, y)`` with t the (B,) times of the samples (each sample has its own) and y (B, D);
+            returns dy/dt (B, D).
+        y0: (B, D) initial states (a 1-D (D,) state is a batch of one), float32 or float64.
+        t: (T,) increasing output times shared by the batch; t[0] is the initial time.
+        method: 'dopri5' (Dormand-Prince 5(4)), 'tsit5' (Tsitouras 5(4)), 'bosh3' (Bogacki-Shampine 3(2)),
+            or 'rk4' (fixed steps of ``step_size``).
+        rtol, atol: the error tolerances of Hairer's norm RMS(err / (atol + rtol max(|y0|, |y1|))) <= 1.
+        controller: 'I' or 'PI' step-size control; safety factor ``safety``, factors clamped to [0.2, 10].
+        first_step: the first step size; None picks it by Hairer's rule (one more function evaluation).
+        step_size: rk4's step size.
+        min_step: a step size at or below it (or too small to move the time) raises a RuntimeError naming the
+            sample and its time.
+        max_steps: the most step attempts (iterations of the batch) before a RuntimeError.
+        check_every: iterations between two checks of the termination and step-size-underflow tests. Each
+            check reads a flag back to the host, which costs a device sync on a GPU; between checks, finished
+            samples ride along in the batch's function evaluations. None: every iteration on the CPU (where
+            reading a flag is free), every 4 elsewhere.
+        params: the tensors ``func`` depends on that need gradients; by default the parameters of ``func`` when
+            it is an nn.Module. Required when y0 requires grad and func is a plain function (pass () if it
+            has none), since the solver cannot see tensors inside a closure.
+        return_stats: also return a dict of statistics (see `_stats`).
+
+    Returns the solution (T, B, D) (or (T, D) for a 1-D y0), and the statistics when asked for.
+    """
+    tableau = _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
+                     check_every)
+    squeeze = y0.dim() == 1
+    y0 = y0.unsqueeze(0) if squeeze else y0
+    if params is None:
+        if isinstance(func, nn.Module):
+            params = tuple(p for p in func.parameters() if p.requires_grad)
+        elif y0.requires_grad:
+            raise ValueError("odeint: `params` must list the tensors `func` depends on (or be ()) when y0 requires "
+                             "grad and `func` is not an nn.Module")
+        else:
+            params = ()
+    params = tuple(params)
+    if check_every is None:
+        check_every = 1 if y0.device.type == "cpu" else 4
+    solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
+                     float(min_step), max_steps, check_every)
+    if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
+        ys = _Solve.apply(solver, y0, *params)
+    else:
+        with torch.no_grad():
+            ys = solver.solve(y0, keep_trace=False)
+    ys = ys.squeeze(1) if squeeze else ys
+    return (ys, solver.stats) if return_stats else ys
+
+
+def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
+           check_every) -> Tableau:
+    if not callable(func):
+        raise TypeError(f"odeint: `func` must be callable as func(t, y), got {type(func).__name__}")
+    if not isinstance(y0, Tensor) or y0.dim() not in (1, 2) or y0.dtype not in (torch.float32, torch.float64):
+        raise ValueError("odeint: `y0` must be a float32 or float64 tensor of shape (B, D) or (D,), got "
+                         f"{getattr(y0, 'dtype', type(y0).__name__)} {tuple(getattr(y0, 'shape', ()))}")
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1 or not t.dtype.is_floating_point:
+        raise ValueError(f"odeint: `t` must be a 1-D floating-point tensor of output times, got "
+                         f"{getattr(t, 'shape', type(t).__name__)}")
+    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+        raise ValueError("odeint: `t` must be strictly increasing")
+    if method not in METHODS:
+        raise ValueError(f"odeint: `method` must be one of {tuple(METHODS)}, got {method!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"odeint: `{name}` must be a finite number >= 0, got {value!r}")
+    if rtol == 0 and atol == 0:
+        raise ValueError("odeint: `rtol` and `atol` cannot both be 0")
+    if controller not in CONTROLLERS:
+        raise ValueError(f"odeint: `controller` must be one of {CONTROLLERS}, got {controller!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"odeint: `safety` must be in (0, 1], got {safety!r}")
+    for name, value in (("first_step", first_step), ("step_size", step_size)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"odeint: `{name}` must be a finite number > 0 or None, got {value!r}")
+    tableau = METHODS[method]
+    if tableau.error_order == 0 and step_size is None:
+        raise ValueError(f"odeint: method {method!r} takes fixed steps: give `step_size`")
+    if not (isinstance(min_step, (int, float)) and min_step >= 0):
+        raise ValueError(f"odeint: `min_step` must be a number >= 0, got {min_step!r}")
+    for name, value in (("max_steps", max_steps), ("check_every", check_every)):
+        if value is None and name == "check_every":
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"odeint: `{name}` must be an int >= 1, got {value!r}")
+    return tableau
+
+
+@dataclass
+class _Trace:
+    """What the backward needs of one iteration: the state before it, its time and step per sample, which
+    samples accepted it, and which output row each sample recorded after it (T: none)."""
+    y: Tensor
+    t: Tensor
+    step: Tensor
+    accepted: Tensor
+    recorded: Tensor
+
+
+class _Solver:
+    def __init__(self, func, tableau, t, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
+                 check_every):
+        self.func, self.tableau, self.times = func, tableau, t
+        self.rtol, self.atol, self.controller, self.safety = rtol, atol, controller, safety
+        self.first_step, self.step_size, self.min_step = first_step, step_size, min_step
+        self.max_steps, self.check_every = max_steps, check_every
+        self.adaptive = tableau.error_order > 0
+        # rows of the stage inputs: for an FSAL method the last stage's input is the solution y1
+        self.rows = [list(row) for row in tableau.a[1:]]
+        self.fsal = tableau.fsal
+        self.b = list(tableau.b)
+        self.stats: dict = {}
+        self.trace: list[_Trace] = []
+
+    def stages(self, stage_times, y, step, k):
+        """Fills the stages k[1:] of a step from y, given k[0] = f(t, y), into the buffer k (s, B, D); returns y1
+        and the input of the stage before the last (for the stiffness estimate)."""
+        g_prev = g = y
+        for i, row in enumerate(self.rows, start=1):
+            g_prev, g = g, rk_stage(y, k, step, row)
+            k[i] = self.func(stage_times[i], g)
+        y1 = g if self.fsal else rk_stage(y, k, step, self.b)
+        return y1, g_prev
+
+    def step(self, t0, y, step):
+        """y1 of one step from (t0, y), through autograd: the backward's recomputation. The stages go into a
+        list (autograd forbids overwriting a buffer it saved), and for an FSAL method the last stage, f(y1), is
+        not needed for y1."""
+        k = [self.func(t0, y)]
+        rows = self.rows[:-1] if self.fsal else self.rows
+        for i, row in enumerate(rows, start=1):
+            k.append(self.func(t0 + self.tableau.c[i] * step, rk_stage(y, torch.stack(k), step, row)))
+        return rk_stage(y, torch.stack(k), step, self.rows[-1] if self.fsal else self.b)
+
+    def solve(self, y0: Tensor, keep_trace: bool) -> Tensor:
+        """The solution at every output time (T, B, D); the statistics into self.stats, and with keep_trace what
+        the backward needs into self.trace. Times are carried in y0's dtype."""
+        tab, func = self.tableau, self.func
+        B, D = y0.shape
+        s = len(tab.c)
+        times = self.times.to(device=y0.device, dtype=y0.dtype).contiguous()
+        T = times.numel()
+        out = y0.new_empty(T, B, D)
+        out[0] = y0
+        t_now = times[0].expand(B).clone()
+        next_index = torch.ones(B, dtype=torch.long, device=y0.device)  # the next output row per sample
+        y = y0.clone()
+        k = y0.new_empty(s, B, D)
+        k[0] = func(t_now, y)
+        nfe = 1
+        if not self.adaptive:
+            h = torch.full((B,), self.step_size, dtype=y0.dtype, device=y0.device)
+        elif self.first_step is not None:
+            h = torch.full((B,), self.first_step, dtype=y0.dtype, device=y0.device)
+        else:
+            h = initial_step(func, t_now, y, k[0], tab.error_order, self.rtol, self.atol)
+            nfe += 1
+        previous = torch.zeros(B, dtype=y0.dtype, device=y0.device)  # the PI controller's last accepted norm
+        c, b_err, q = list(tab.c), list(tab.b_err), tab.error_order + 1
+        norm = None
+        errors, stiffnesses, statuses = [], [], []
+        self.trace = []
+        unfinished = T > 1
+        while True:
+            if len(statuses) % self.check_every == 0 or len(statuses) >= self.max_steps:
+                if not bool(unfinished):
+                    break
+                if len(statuses) >= self.max_steps:
+                    raise RuntimeError(f"odeint: more than max_steps={self.max_steps} step attempts; "
+                                       f"{int(unfinished)} samples have not reached t={float(times[-1])}")
+                self._check_step(h, t_now, next_index < T)
+            step, stage_times = rk_begin(t_now, h, next_index, times, c)
+            y1, g_prev = self.stages(stage_times, y, step, k)
+            nfe += s - 1
+            if self.adaptive:
+                norm, rho = rk_finalize(y, y1, k, g_prev, step, b_err, self.rtol, self.atol)
+                errors.append(norm)
+                stiffnesses.append(rho)
+            if keep_trace:
+                y_before, t_before = y.clone(), t_now.clone()
+                rows = torch.where(next_index < T, next_index, T)
+            status, unfinished = rk_accept(y, k, t_now, h, next_index, previous, out, y1, norm, step, times,
+                                           self.safety, q, self.controller == "PI", self.fsal)
+            if not self.fsal:
+                k[0] = func(t_now, y)
+                nfe += 1
+            statuses.append(status)
+            if keep_trace:  # the output row each sample recorded after this step (T: none)
+                recorded = torch.where(next_index > rows, rows, T)
+                self.trace.append(_Trace(y_before, t_before, step, status == 1, recorded))
+        self.stats = _stats(nfe, B, statuses, errors, stiffnesses)
+        return out
+
+    def _check_step(self, h, t_now, active):
+        """Raises when an unfinished sample's step size is at or below min_step, or too small to move its time."""
+        bad = active & ((h <= self.min_step) | (t_now + h == t_now))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise RuntimeError(f"odeint: the step size underflowed (h = {float(h[b]):.3g}, min_step = "
+                               f"{self.min_step:.3g}) for sample {b} at t = {float(t_now[b]):.9g}: the problem may "
+                               "be stiff or singular there")
+
+
+def _stats(nfe, batch, statuses, errors, stiffnesses) -> dict:
+    """The statistics odeint returns on request: ``nfe``, the evaluations of func (each on the whole batch);
+    ``iterations``, the step attempts of the batch; per sample, ``accepted`` and ``rejected`` steps (B,); per
+    iteration and sample (iterations, B): ``attempted`` (the sample had not finished), ``step_accepted``, and the
+    attempt's ``error`` norm and ``stiffness`` estimate rho (|h rho| above the method's stability bound, 3.3066
+    for dopri5 and 3.5068 for tsit5, means the step size is limited by stability; None for rk4)."""
+    status = torch.stack(statuses) if statuses else torch.zeros(0, batch, dtype=torch.int8)
+    attempted, accepted = status >= 0, status == 1
+    return {"nfe": nfe, "iterations": len(statuses), "accepted": accepted.sum(0),
+            "rejected": (attempted & ~accepted).sum(0), "attempted": attempted, "step_accepted": accepted,
+            "error": torch.stack(errors) if errors else None,
+            "stiffness": torch.stack(stiffnesses) if stiffnesses else None}
+
+
+class _Solve(torch.autograd.Function):
+    """The solve as one autograd node: the forward keeps the trace, the backward is the discrete adjoint."""
+
+    @staticmethod
+    def forward(ctx, solver, y0, *params):
+        with torch.no_grad():
+            ys = solver.solve(y0.detach(), keep_trace=True)
+        ctx.solver = solver
+        ctx.save_for_backward(*params)
+        return ys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ys):
+        solver, params = ctx.solver, ctx.saved_tensors
+        T, B, D = grad_ys.shape
+        grads = torch.cat([grad_ys, grad_ys.new_zeros(1, B, D)])  # row T: for samples that recorded nothing
+        samples = torch.arange(B, device=grad_ys.device)
+        adjoint = grad_ys.new_zeros(B, D)
+        grad_params = [torch.zeros_like(p) for p in params]
+        for it in reversed(solver.trace):
+            adjoint = adjoint + grads[it.recorded, samples]  # the outputs recorded after this iteration
+            if not bool(it.accepted.any()):
+                continue
+            # y_next = y1(y) where accepted, else y: the adjoint of y is J^T (accepted * adjoint) plus the
+            # rejected samples' own adjoint (correct even for a func that couples samples)
+            kept = it.accepted[:, None]
+            with torch.enable_grad():
+                y = it.y.detach().requires_grad_()
+                y1 = solver.step(it.t.to(y.dtype), y, it.step.to(y.dtype))
+                vjp = torch.autograd.grad(y1, (y, *params), torch.where(kept, adjoint, 0.0), allow_unused=True)
+            adjoint = vjp[0] + torch.where(kept, 0.0, adjoint)
+            for g, v in zip(grad_params, vjp[1:]):
+                if v is not None:
+                    g.add_(v)
+        return None, adjoint + grad_ys[0], *grad_params

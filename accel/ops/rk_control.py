@@ -1,0 +1,101 @@
+"""accel.ops.rk_begin and rk_accept: the adaptive solver's per-sample step control, one call each per iteration
+of accel.odeint (before the stages, and after rk_finalize's error norm).
+
+Flow: rk_begin / rk_accept -> torch.ops.accel.* -> C++ on the CPU (csrc/cpu/rk_control.cpp: one loop over the
+batch), the PyTorch kernels below elsewhere (CUDA: a dozen (B,)-vector operations, no host sync). rk_accept
+updates the solver's state in place. Neither is differentiable: step sizes and accept/reject decisions are
+constants of the solver's backward (accel/ode/odeint.py).
+
+The rules, per sample (Hairer, Norsett and Wanner, Solving ODEs I, II.4; accel/reference/ode.py):
+- the step is min(h, t_next - t), t_next the sample's next output time; 0 once it has passed the last one;
+- accepted when the error norm is <= 1 (always without a norm: fixed steps); the next step is
+  step * clamp(safety * norm^(-1/q), 0.2, 10) (I controller) or, after the first accepted step,
+  step * clamp(safety * norm^(-0.7/q) * previous^(0.4/q), 0.2, 10) (PI), at most the step after a rejection, and
+  at least h after an accepted step that was shortened to end on an output time; a NaN norm rejects and takes
+  the factor 0.2;
+- on acceptance: t advances (to exactly t_next when the step ended there), y <- y1, the FSAL stage k[0] <- k[s-1],
+  and y is written to the sample's output row when the step ended on its output time.
+"""
+import torch
+from torch import Tensor
+
+from accel.ops._library import lib, register_backends
+
+lib.define("rk_begin(Tensor t, Tensor h, Tensor next_index, Tensor times, float[] c) -> (Tensor, Tensor)")
+lib.define("rk_accept(Tensor(a!) y, Tensor(b!) k, Tensor(c!) t, Tensor(d!) h, Tensor(e!) next_index, "
+           "Tensor(f!) previous, Tensor(g!) out, Tensor y1, Tensor? norm, Tensor step, Tensor times, float safety, "
+           "int order, bool pi, bool fsal) -> (Tensor, Tensor)")
+
+
+def rk_begin(t: Tensor, h: Tensor, next_index: Tensor, times: Tensor, c) -> tuple[Tensor, Tensor]:
+    """(step (B,), stage_times (s, B)): each sample's step from its time t (B,), step size h (B,) and next output
+    row next_index (B,) int64 into times (T,), and its stage times t + c_i step for the tableau's nodes c."""
+    return torch.ops.accel.rk_begin(t, h, next_index, times, list(c))
+
+
+def rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety: float, order: int, pi: bool,
+              fsal: bool) -> tuple[Tensor, Tensor]:
+    """Accepts or rejects each sample's step and updates, in place: the state y (B, D), the stage buffer k
+    (s, B, D) (FSAL), the times t, step sizes h, next output rows next_index, the PI controller's previous
+    norms (0: none yet) and the outputs out (T, B, D). y1 is the step's solution, norm its error norms (None:
+    fixed steps, always accepted), step what rk_begin returned, q = order the error estimator's order + 1.
+    Returns (status (B,) int8: 1 accepted, 0 rejected, -1 had finished; the number of unfinished samples)."""
+    return torch.ops.accel.rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, float(safety),
+                                     int(order), bool(pi), bool(fsal))
+
+
+@torch.library.register_fake("accel::rk_begin")
+def _begin_fake(t, h, next_index, times, c):
+    return t.new_empty(t.shape), t.new_empty(len(c), t.shape[0])
+
+
+@torch.library.register_fake("accel::rk_accept")
+def _accept_fake(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal):
+    return y.new_empty(y.shape[0], dtype=torch.int8), y.new_empty((), dtype=torch.long)
+
+
+def _next_time(t, next_index, times):
+    """The sample's next output time (its own time once it has passed the last one)."""
+    T = times.shape[0]
+    return torch.where(next_index < T, times[next_index.clamp(max=T - 1)], t)
+
+
+def _reference_begin(t, h, next_index, times, c):
+    remaining = _next_time(t, next_index, times) - t
+    step = torch.where(h >= remaining, remaining, h)
+    c = torch.tensor(c, dtype=t.dtype, device=t.device)
+    return step, t + c[:, None] * step
+
+
+def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal):
+    T = times.shape[0]
+    active = next_index < T
+    t_next = _next_time(t, next_index, times)
+    hit = h >= t_next - t
+    if norm is None:
+        accept = active
+    else:
+        accept = active & (norm <= 1)
+        n = norm.clamp_min(1e-10)
+        factor = torch.where(previous > 0, safety * n.pow(-0.7 / order) * previous.pow(0.4 / order),
+                             safety * n.pow(-1.0 / order))
+        factor = torch.nan_to_num(factor, nan=0.2).clamp(0.2, 10.0)
+        grown = torch.where(step < h, torch.maximum(h, step * factor), step * factor)
+        h.copy_(torch.where(active, torch.where(accept, grown, torch.minimum(step * factor, step)), h))
+        if pi:
+            previous.copy_(torch.where(accept, n, previous))
+    t.copy_(torch.where(accept, torch.where(hit, t_next, t + step), t))
+    y.copy_(torch.where(accept[:, None], y1, y))
+    if fsal:
+        k[0] = torch.where(accept[:, None], k[-1], k[0])
+    record = accept & hit
+    samples = torch.arange(y.shape[0], device=y.device)
+    rows = next_index.clamp(max=T - 1)  # the samples that record nothing write back what their row holds
+    out[rows, samples] = torch.where(record[:, None], y, out[rows, samples])
+    next_index.add_(record)
+    status = torch.where(accept, 1, torch.where(active, 0, -1)).to(torch.int8)
+    return status, (next_index < T).sum()
+
+
+register_backends("rk_begin", _reference_begin)
+register_backends("rk_accept", _reference_accept)
