@@ -167,6 +167,7 @@ def test_gradients_are_the_discrete_adjoint_of_the_steps_taken():
     with torch.no_grad():
         solver.solve(y0.detach(), keep_trace=True)
     steps = [it.step for it in solver.trace if bool(it.accepted.all())]
+    assert len(steps) == len(solver.trace) - int(solver.stats["rejected"].sum())
     want = torch.autograd.grad(replay(func, y0, t, steps).sum(), [y0, *func.parameters()])
     for g, w in zip(solver_grads, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
@@ -232,3 +233,14 @@ def test_checking_termination_every_few_iterations_changes_nothing():
     assert torch.equal(every, sparse)  # finished samples ride along unchanged
     assert torch.equal(stats_every["accepted"], stats_sparse["accepted"])
     assert stats_sparse["iterations"] >= stats_every["iterations"]
+
+
+def test_the_backward_keeps_one_state_per_iteration_and_autograd_sees_it():
+    func = MLP(d=3, hidden=8)
+    y0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ys, stats = accel.odeint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), return_stats=True)
+    per_iteration = 5 * 3 + 4 * 5  # the state, and per sample its time, step, acceptance and output row
+    params = sum(p.numel() for p in func.parameters())
+    assert sum(saved) == params + stats["iterations"] * per_iteration

@@ -19,7 +19,7 @@ accept/reject decisions are constants of the backward: it differentiates the dis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -128,8 +128,7 @@ def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step
     return tableau
 
 
-@dataclass
-class _Trace:
+class _Trace(NamedTuple):
     """What the backward needs of one iteration: the state before it, its time and step per sample, which
     samples accepted it, and which output row each sample recorded after it (T: none)."""
     y: Tensor
@@ -258,35 +257,40 @@ def _stats(nfe, batch, statuses, errors, stiffnesses) -> dict:
 
 
 class _Solve(torch.autograd.Function):
-    """The solve as one autograd node: the forward keeps the trace, the backward is the discrete adjoint."""
+    """The solve as one autograd node: the forward saves the trace (so autograd accounts for it and frees it after
+    the backward), the backward is the discrete adjoint."""
 
     @staticmethod
     def forward(ctx, solver, y0, *params):
         with torch.no_grad():
             ys = solver.solve(y0.detach(), keep_trace=True)
-        ctx.solver = solver
-        ctx.save_for_backward(*params)
+            trace = [torch.stack(field) for field in zip(*solver.trace)]  # (iterations, B, ...) per field
+        solver.trace = []
+        ctx.solver, ctx.num_params = solver, len(params)
+        ctx.save_for_backward(*params, *trace)
         return ys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
-        solver, params = ctx.solver, ctx.saved_tensors
+        solver, saved = ctx.solver, ctx.saved_tensors
+        params, trace = saved[:ctx.num_params], _Trace(*saved[ctx.num_params:]) if len(saved) > ctx.num_params else None
         T, B, D = grad_ys.shape
         grads = torch.cat([grad_ys, grad_ys.new_zeros(1, B, D)])  # row T: for samples that recorded nothing
         samples = torch.arange(B, device=grad_ys.device)
         adjoint = grad_ys.new_zeros(B, D)
         grad_params = [torch.zeros_like(p) for p in params]
-        for it in reversed(solver.trace):
-            adjoint = adjoint + grads[it.recorded, samples]  # the outputs recorded after this iteration
-            if not bool(it.accepted.any()):
+        for n in reversed(range(0 if trace is None else trace.y.shape[0])):
+            adjoint = adjoint + grads[trace.recorded[n], samples]  # the outputs recorded after this iteration
+            accepted = trace.accepted[n]
+            if not bool(accepted.any()):
                 continue
             # y_next = y1(y) where accepted, else y: the adjoint of y is J^T (accepted * adjoint) plus the
             # rejected samples' own adjoint (correct even for a func that couples samples)
-            kept = it.accepted[:, None]
+            kept = accepted[:, None]
             with torch.enable_grad():
-                y = it.y.detach().requires_grad_()
-                y1 = solver.step(it.t.to(y.dtype), y, it.step.to(y.dtype))
+                y = trace.y[n].detach().requires_grad_()
+                y1 = solver.step(trace.t[n], y, trace.step[n])
                 vjp = torch.autograd.grad(y1, (y, *params), torch.where(kept, adjoint, 0.0), allow_unused=True)
             adjoint = vjp[0] + torch.where(kept, 0.0, adjoint)
             for g, v in zip(grad_params, vjp[1:]):
