@@ -94,6 +94,19 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, m_ptr, beta_ptr, out_ptr, saved_ptr, st
              mask=in_l[:, None] & (offs_dv[None, :] < DV))
 
 
+def _launch_layout(q, mask, S, DV):
+    """What both passes launch with: the mask as a (B, H, L, S) float32 view (broadcast dimensions get stride 0;
+    q stands in when there is none) and its strides, and the row and width block sizes."""
+    B, H, L, D = q.shape
+    if mask is not None:
+        mask = mask.to(torch.float32).expand(B, H, L, S)
+        strides = mask.stride()
+    else:
+        mask, strides = q, (0, 0, 0, 0)
+    BLOCK_L = 64 if L >= 64 else max(16, triton.next_power_of_2(L))
+    return mask, strides, BLOCK_L, max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+
+
 def supports(q, eps, return_association) -> bool:
     """Whether the Triton forward covers a call (else the PyTorch kernel runs): float32, no stopping rule, no
     association asked for."""
@@ -108,13 +121,7 @@ def forward(q, k, v, beta, steps, mask):
     out = torch.empty(B, H, L, DV, dtype=q.dtype, device=q.device)
     saved_q = torch.empty(steps + 1, B, H, L, D, dtype=q.dtype, device=q.device)
     stats = torch.empty(steps + 1, B, H, L, 2, dtype=q.dtype, device=q.device)
-    if mask is not None:
-        mask = mask.to(torch.float32).expand(B, H, L, S)  # a view: broadcast dimensions get stride 0
-        strides = mask.stride()
-    else:
-        mask, strides = q, (0, 0, 0, 0)
-    BLOCK_D, BLOCK_DV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    BLOCK_L = 64 if L >= 64 else max(16, triton.next_power_of_2(L))
+    mask, strides, BLOCK_L, BLOCK_D, BLOCK_DV = _launch_layout(q, mask, S, DV)
     grid = (triton.cdiv(L, BLOCK_L), B * H)
     _forward_kernel[grid](q, k, v, mask, beta.reshape(1), out, saved_q, stats, H, L, int(k.shape[0] == B and B > 1),
                           *strides, S=S, D=D, DV=DV, STEPS=steps, HAS_MASK=mask is not q, BLOCK_L=BLOCK_L,
@@ -292,13 +299,7 @@ def backward(grad, q, k, v, beta, mask, saved_q, stats, taken):
     beta_rows = torch.zeros(B, H, L, dtype=torch.float32, device=q.device)
     grad_k = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     grad_v = torch.empty(B, H, S, DV, dtype=q.dtype, device=q.device)
-    if mask is not None:
-        mask = mask.to(torch.float32).expand(B, H, L, S)  # a view: broadcast dimensions get stride 0
-        strides = mask.stride()
-    else:
-        mask, strides = q, (0, 0, 0, 0)
-    BLOCK_D, BLOCK_DV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    BLOCK_L = 64 if L >= 64 else max(16, triton.next_power_of_2(L))
+    mask, strides, BLOCK_L, BLOCK_D, BLOCK_DV = _launch_layout(q, mask, S, DV)
     BLOCK_S = 64 if S >= 64 else max(16, triton.next_power_of_2(S))
     K_BATCHED = int(k.shape[0] == B and B > 1)
     beta = beta.reshape(1)

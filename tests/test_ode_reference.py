@@ -71,3 +71,18 @@ def test_stiffness_estimate_is_the_eigenvalue_modulus(lam):
                           torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5")
     for rho in stats["stiffness"]:
         np.testing.assert_allclose(rho, abs(lam), rtol=1e-9)
+
+
+@pytest.mark.parametrize("method, scipy_method", [("dopri5", "RK45"), ("bosh3", "RK23")])
+def test_dense_output_is_scipys(method, scipy_method):
+    y0 = np.array([2.0, 0.0])
+    solver = getattr(scipy_integrate, scipy_method)(van_der_pol_np, 0.0, y0, 10.0, rtol=1e-6, atol=1e-8)
+    solver.step()
+    solver.step()  # a step that is not the first
+    dense = solver.dense_output()
+    h = torch.tensor([solver.t - solver.t_old], dtype=torch.float64)
+    y = torch.tensor(solver.y_old)[None]
+    _, _, k, _ = ode.rk_step(van_der_pol, torch.tensor([solver.t_old]), y, h, ode.METHODS[method])
+    for theta in (0.0, 0.3, 0.77, 1.0):
+        got = ode.interpolate(y, k, h, torch.tensor([theta], dtype=torch.float64), ode.METHODS[method])
+        np.testing.assert_allclose(got[0].numpy(), dense(solver.t_old + theta * h.item()), rtol=1e-12, atol=1e-14)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from accel.ops import rk_accept, rk_begin
+from accel.reference import ode
+from accel.reference.ode import DOPRI5
 
 control = importlib.import_module("accel.ops.rk_control")
 C = [0.0, 0.2, 0.3, 0.8, 8 / 9, 1.0, 1.0]
@@ -27,7 +29,7 @@ def state(B=33, D=5, s=7, T=4, dtype=torch.float64):
 def test_begin_matches_the_pytorch_kernel_and_clips_to_output_times():
     st, times = state()
     step, stage_times = rk_begin(st["t"], st["h"], st["next_index"], times, C)
-    want_step, want_times = control._reference_begin(st["t"], st["h"], st["next_index"], times, C)
+    want_step, want_times = control._reference_begin(st["t"], st["h"], st["next_index"], times, C, True)
     torch.testing.assert_close(step, want_step, rtol=0, atol=0)
     torch.testing.assert_close(stage_times, want_times)
     T = times.shape[0]
@@ -42,7 +44,7 @@ def test_begin_matches_the_pytorch_kernel_and_clips_to_output_times():
 def test_accept_matches_the_pytorch_kernel(pi, fsal, fixed, dtype):
     st, times = state(dtype=dtype)
     B = st["y"].shape[0]
-    step, _ = control._reference_begin(st["t"], st["h"], st["next_index"], times, C)
+    step, _ = control._reference_begin(st["t"], st["h"], st["next_index"], times, C, True)
     y1 = torch.randn_like(st["y"])
     norm = None if fixed else torch.rand(B, dtype=dtype) * 2
     if norm is not None:
@@ -51,7 +53,7 @@ def test_accept_matches_the_pytorch_kernel(pi, fsal, fixed, dtype):
     theirs = {name: x.clone() for name, x in st.items()}
     args = (y1, norm, step, times, 0.9, 5, pi, fsal)
     status, unfinished = rk_accept(*ours.values(), *args)
-    want_status, want_unfinished = control._reference_accept(*theirs.values(), *args)
+    want_status, want_unfinished = control._reference_accept(*theirs.values(), *args, None)
     assert torch.equal(status, want_status) and int(unfinished) == int(want_unfinished)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], msg=name)
@@ -68,7 +70,35 @@ def test_accept_matches_the_pytorch_kernel(pi, fsal, fixed, dtype):
 def test_opcheck():
     st, times = state(B=4, D=3)
     step, _ = rk_begin(st["t"], st["h"], st["next_index"], times, C)
-    torch.library.opcheck(torch.ops.accel.rk_begin.default, (st["t"], st["h"], st["next_index"], times, C))
-    torch.library.opcheck(torch.ops.accel.rk_accept.default,
-                          (*st.values(), torch.randn_like(st["y"]), torch.rand(4, dtype=torch.float64), step, times,
-                           0.9, 5, True, True))
+    torch.library.opcheck(torch.ops.accel.rk_begin.default, (st["t"], st["h"], st["next_index"], times, C, True))
+    for interpolant in (None, [float(x) for row in DOPRI5.interpolant for x in row]):
+        torch.library.opcheck(torch.ops.accel.rk_accept.default,
+                              (*st.values(), torch.randn_like(st["y"]), torch.rand(4, dtype=torch.float64), step,
+                               times, 0.9, 5, True, True, interpolant))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_output_matches_the_pytorch_kernel_and_the_reference_interpolant(dtype):
+    st, times = state(dtype=dtype, T=4)
+    times = torch.tensor([0.0, 0.1, 0.15, 2.0], dtype=dtype)  # several output times inside one step
+    st["t"] = torch.zeros_like(st["t"])
+    st["next_index"] = torch.ones_like(st["next_index"])
+    st["h"] = torch.rand_like(st["h"]) * 0.3
+    step, _ = rk_begin(st["t"], st["h"], st["next_index"], times, C, clip=False)
+    assert torch.equal(step, st["h"])  # not shortened
+    y1 = torch.randn_like(st["y"])
+    norm = torch.rand(st["y"].shape[0], dtype=dtype) * 1.5
+    ours = {name: x.clone() for name, x in st.items()}
+    theirs = {name: x.clone() for name, x in st.items()}
+    args = (y1, norm, step, times, 0.9, 5, False, True)
+    status, _ = rk_accept(*ours.values(), *args, DOPRI5.interpolant)
+    control._reference_accept(*theirs.values(), *args, [float(x) for row in DOPRI5.interpolant for x in row])
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], msg=name)
+    for b in range(st["y"].shape[0]):  # each accepted sample's rows passed: the reference interpolant
+        passed = [r for r in range(1, 4) if status[b] == 1 and times[r] <= step[b]]
+        assert ours["next_index"][b] == (1 + len(passed) if status[b] == 1 else 1)
+        for r in passed:
+            want = ode.interpolate(st["y"][b:b + 1], st["k"][:, b:b + 1], step[b:b + 1],
+                                   (times[r] / step[b]).reshape(1), DOPRI5)
+            torch.testing.assert_close(ours["out"][r, b], want[0])

@@ -8,11 +8,13 @@ size, all as tensor operations. Nothing in an iteration reads a value back to th
 reached the last output time (and whether a step size underflowed) is checked every `check_every` iterations.
 A sample that has finished takes steps of size 0, which leave it unchanged.
 
-Output times: a step that would pass a sample's next output time is shortened to end on it (as the reference
-does), and the state is recorded there.
+Output times: with dense output (dopri5 and bosh3, the default), steps are not shortened and every output time a
+step passes gets the method's interpolant (DP5's 4th-order continuous extension, BS3's Hermite cubic), so the
+number of steps does not grow with the number of output times; otherwise (tsit5, rk4, or dense_output=False, as
+the reference does) a step that would pass a sample's next output time is shortened to end on it.
 
 Gradients (the discrete adjoint): the forward keeps, per iteration, only the state before the step, its time,
-step size and acceptance, O(iterations B D). The backward runs the iterations in reverse, recomputes each
+step size and acceptance, and which output rows it wrote, O(iterations B D). The backward runs the iterations in reverse, recomputes each
 accepted step's stages from its saved state with autograd on, and pulls the adjoint through it. Step sizes and
 accept/reject decisions are constants of the backward: it differentiates the discrete map the solver took.
 """
@@ -24,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from accel.ops.rk_control import rk_accept, rk_begin
+from accel.ops.rk_control import interpolate_at, rk_accept, rk_begin
 from accel.ops.rk_finalize import rk_finalize
 from accel.ops.rk_stage import rk_stage
 from accel.reference.ode import METHODS, Tableau, initial_step
@@ -35,7 +37,7 @@ CONTROLLERS = ("I", "PI")
 def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8, *,
            controller: str = "I", safety: float = 0.9, first_step: float | None = None, step_size: float | None = None,
            min_step: float = 0.0, max_steps: int = 100_000, check_every: int | None = None, params=None,
-           return_stats: bool = False):
+           dense_output: bool = True, return_stats: bool = False):
     """Solves dy/dt = func(t, y) for a batch of initial states and returns y at the times of ``t``.
 
     Args:
@@ -59,6 +61,8 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
         params: the tensors ``func`` depends on that need gradients; by default the parameters of ``func`` when
             it is an nn.Module. Required when y0 requires grad and func is a plain function (pass () if it
             has none), since the solver cannot see tensors inside a closure.
+        dense_output: interpolate the outputs between steps where the method has an interpolant (dopri5, bosh3);
+            False: shorten steps to end on the output times.
         return_stats: also return a dict of statistics (see `_stats`).
 
     Returns the solution (T, B, D) (or (T, D) for a 1-D y0), and the statistics when asked for.
@@ -79,7 +83,7 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 4
     solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
-                     float(min_step), max_steps, check_every)
+                     float(min_step), max_steps, check_every, bool(dense_output))
     if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
         ys = _Solve.apply(solver, y0, *params)
     else:
@@ -130,17 +134,18 @@ def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step
 
 class _Trace(NamedTuple):
     """What the backward needs of one iteration: the state before it, its time and step per sample, which
-    samples accepted it, and which output row each sample recorded after it (T: none)."""
+    samples accepted it, and the output rows [first_row, end_row) each sample wrote in it."""
     y: Tensor
     t: Tensor
     step: Tensor
     accepted: Tensor
-    recorded: Tensor
+    first_row: Tensor
+    end_row: Tensor
 
 
 class _Solver:
     def __init__(self, func, tableau, t, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                 check_every):
+                 check_every, dense_output=True):
         self.func, self.tableau, self.times = func, tableau, t
         self.rtol, self.atol, self.controller, self.safety = rtol, atol, controller, safety
         self.first_step, self.step_size, self.min_step = first_step, step_size, min_step
@@ -150,6 +155,7 @@ class _Solver:
         self.rows = [list(row) for row in tableau.a[1:]]
         self.fsal = tableau.fsal
         self.b = list(tableau.b)
+        self.interpolant = tableau.interpolant if dense_output else None
         self.stats: dict = {}
         self.trace: list[_Trace] = []
 
@@ -163,15 +169,20 @@ class _Solver:
         y1 = g if self.fsal else rk_stage(y, k, step, self.b)
         return y1, g_prev
 
-    def step(self, t0, y, step):
+    def step(self, t0, y, step, all_stages=False):
         """y1 of one step from (t0, y), through autograd: the backward's recomputation. The stages go into a
-        list (autograd forbids overwriting a buffer it saved), and for an FSAL method the last stage, f(y1), is
-        not needed for y1."""
+        list (autograd forbids overwriting a buffer it saved). An FSAL method's last stage, f(y1), is not needed
+        for y1, only for the dense output: with all_stages, returns (y1, stages (s, B, D))."""
         k = [self.func(t0, y)]
         rows = self.rows[:-1] if self.fsal else self.rows
         for i, row in enumerate(rows, start=1):
             k.append(self.func(t0 + self.tableau.c[i] * step, rk_stage(y, torch.stack(k), step, row)))
-        return rk_stage(y, torch.stack(k), step, self.rows[-1] if self.fsal else self.b)
+        y1 = rk_stage(y, torch.stack(k), step, self.rows[-1] if self.fsal else self.b)
+        if not all_stages:
+            return y1
+        if self.fsal:
+            k.append(self.func(t0 + step, y1))
+        return y1, torch.stack(k)
 
     def solve(self, y0: Tensor, keep_trace: bool) -> Tensor:
         """The solution at every output time (T, B, D); the statistics into self.stats, and with keep_trace what
@@ -210,7 +221,7 @@ class _Solver:
                     raise RuntimeError(f"odeint: more than max_steps={self.max_steps} step attempts; "
                                        f"{int(unfinished)} samples have not reached t={float(times[-1])}")
                 self._check_step(h, t_now, next_index < T)
-            step, stage_times = rk_begin(t_now, h, next_index, times, c)
+            step, stage_times = rk_begin(t_now, h, next_index, times, c, self.interpolant is None)
             y1, g_prev = self.stages(stage_times, y, step, k)
             nfe += s - 1
             if self.adaptive:
@@ -218,17 +229,15 @@ class _Solver:
                 errors.append(norm)
                 stiffnesses.append(rho)
             if keep_trace:
-                y_before, t_before = y.clone(), t_now.clone()
-                rows = torch.where(next_index < T, next_index, T)
+                y_before, t_before, first_row = y.clone(), t_now.clone(), next_index.clone()
             status, unfinished = rk_accept(y, k, t_now, h, next_index, previous, out, y1, norm, step, times,
-                                           self.safety, q, self.controller == "PI", self.fsal)
+                                           self.safety, q, self.controller == "PI", self.fsal, self.interpolant)
             if not self.fsal:
                 k[0] = func(t_now, y)
                 nfe += 1
             statuses.append(status)
-            if keep_trace:  # the output row each sample recorded after this step (T: none)
-                recorded = torch.where(next_index > rows, rows, T)
-                self.trace.append(_Trace(y_before, t_before, step, status == 1, recorded))
+            if keep_trace:
+                self.trace.append(_Trace(y_before, t_before, step, status == 1, first_row, next_index.clone()))
         self.stats = _stats(nfe, B, statuses, errors, stiffnesses)
         return out
 
@@ -276,22 +285,33 @@ class _Solve(torch.autograd.Function):
         solver, saved = ctx.solver, ctx.saved_tensors
         params, trace = saved[:ctx.num_params], _Trace(*saved[ctx.num_params:]) if len(saved) > ctx.num_params else None
         T, B, D = grad_ys.shape
-        grads = torch.cat([grad_ys, grad_ys.new_zeros(1, B, D)])  # row T: for samples that recorded nothing
-        samples = torch.arange(B, device=grad_ys.device)
+        rows = torch.arange(T, device=grad_ys.device)[:, None]
+        times = solver.times.to(device=grad_ys.device, dtype=grad_ys.dtype)
         adjoint = grad_ys.new_zeros(B, D)
         grad_params = [torch.zeros_like(p) for p in params]
         for n in reversed(range(0 if trace is None else trace.y.shape[0])):
-            adjoint = adjoint + grads[trace.recorded[n], samples]  # the outputs recorded after this iteration
+            written = (rows >= trace.first_row[n]) & (rows < trace.end_row[n])  # (T, B): the rows this step wrote
+            grad_written = torch.where(written[..., None], grad_ys, 0.0)
+            dense = solver.interpolant is not None and bool(written.any())
+            if solver.interpolant is None:  # the row it wrote holds y_next itself
+                adjoint = adjoint + grad_written.sum(0)
             accepted = trace.accepted[n]
             if not bool(accepted.any()):
                 continue
             # y_next = y1(y) where accepted, else y: the adjoint of y is J^T (accepted * adjoint) plus the
-            # rejected samples' own adjoint (correct even for a func that couples samples)
+            # rejected samples' own adjoint (correct even for a func that couples samples); with dense output,
+            # the rows written are interpolants of this step, from y and its stages
             kept = accepted[:, None]
             with torch.enable_grad():
                 y = trace.y[n].detach().requires_grad_()
-                y1 = solver.step(trace.t[n], y, trace.step[n])
-                vjp = torch.autograd.grad(y1, (y, *params), torch.where(kept, adjoint, 0.0), allow_unused=True)
+                outputs, cotangents = [], [torch.where(kept, adjoint, 0.0)]
+                if dense:
+                    y1, k = solver.step(trace.t[n], y, trace.step[n], all_stages=True)
+                    outputs = [y1, interpolate_at(times, y, k, trace.t[n], trace.step[n], solver.interpolant)]
+                    cotangents.append(grad_written)
+                else:
+                    outputs = [solver.step(trace.t[n], y, trace.step[n])]
+                vjp = torch.autograd.grad(outputs, (y, *params), cotangents, allow_unused=True)
             adjoint = vjp[0] + torch.where(kept, 0.0, adjoint)
             for g, v in zip(grad_params, vjp[1:]):
                 if v is not None:

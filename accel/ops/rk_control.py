@@ -7,50 +7,55 @@ updates the solver's state in place. Neither is differentiable: step sizes and a
 constants of the solver's backward (accel/ode/odeint.py).
 
 The rules, per sample (Hairer, Norsett and Wanner, Solving ODEs I, II.4; accel/reference/ode.py):
-- the step is min(h, t_next - t), t_next the sample's next output time; 0 once it has passed the last one;
+- the step is min(h, t_next - t), t_next the sample's next output time (or h, with dense output); 0 once the
+  sample has passed the last output time;
 - accepted when the error norm is <= 1 (always without a norm: fixed steps); the next step is
   step * clamp(safety * norm^(-1/q), 0.2, 10) (I controller) or, after the first accepted step,
   step * clamp(safety * norm^(-0.7/q) * previous^(0.4/q), 0.2, 10) (PI), at most the step after a rejection, and
   at least h after an accepted step that was shortened to end on an output time; a NaN norm rejects and takes
   the factor 0.2;
 - on acceptance: t advances (to exactly t_next when the step ended there), y <- y1, the FSAL stage k[0] <- k[s-1],
-  and y is written to the sample's output row when the step ended on its output time.
+  and y is written to the sample's output row when the step ended on its output time; with dense output, every
+  output time the step passed gets the interpolant y + step sum_i b_i(theta) k_i (accel.reference.ode.interpolate).
 """
 import torch
 from torch import Tensor
 
 from accel.ops._library import lib, register_backends
 
-lib.define("rk_begin(Tensor t, Tensor h, Tensor next_index, Tensor times, float[] c) -> (Tensor, Tensor)")
+lib.define("rk_begin(Tensor t, Tensor h, Tensor next_index, Tensor times, float[] c, bool clip) -> (Tensor, Tensor)")
 lib.define("rk_accept(Tensor(a!) y, Tensor(b!) k, Tensor(c!) t, Tensor(d!) h, Tensor(e!) next_index, "
            "Tensor(f!) previous, Tensor(g!) out, Tensor y1, Tensor? norm, Tensor step, Tensor times, float safety, "
-           "int order, bool pi, bool fsal) -> (Tensor, Tensor)")
+           "int order, bool pi, bool fsal, float[]? interpolant) -> (Tensor, Tensor)")
 
 
-def rk_begin(t: Tensor, h: Tensor, next_index: Tensor, times: Tensor, c) -> tuple[Tensor, Tensor]:
+def rk_begin(t: Tensor, h: Tensor, next_index: Tensor, times: Tensor, c, clip: bool = True) -> tuple[Tensor, Tensor]:
     """(step (B,), stage_times (s, B)): each sample's step from its time t (B,), step size h (B,) and next output
-    row next_index (B,) int64 into times (T,), and its stage times t + c_i step for the tableau's nodes c."""
-    return torch.ops.accel.rk_begin(t, h, next_index, times, list(c))
+    row next_index (B,) int64 into times (T,) (shortened to end on that output time when ``clip``), and its stage
+    times t + c_i step for the tableau's nodes c."""
+    return torch.ops.accel.rk_begin(t, h, next_index, times, list(c), bool(clip))
 
 
 def rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety: float, order: int, pi: bool,
-              fsal: bool) -> tuple[Tensor, Tensor]:
+              fsal: bool, interpolant=None) -> tuple[Tensor, Tensor]:
     """Accepts or rejects each sample's step and updates, in place: the state y (B, D), the stage buffer k
     (s, B, D) (FSAL), the times t, step sizes h, next output rows next_index, the PI controller's previous
     norms (0: none yet) and the outputs out (T, B, D). y1 is the step's solution, norm its error norms (None:
-    fixed steps, always accepted), step what rk_begin returned, q = order the error estimator's order + 1.
+    fixed steps, always accepted), step what rk_begin returned, q = order the error estimator's order + 1;
+    interpolant the tableau's dense-output rows (None: steps end on output times).
     Returns (status (B,) int8: 1 accepted, 0 rejected, -1 had finished; the number of unfinished samples)."""
+    flat = None if interpolant is None else [float(x) for row in interpolant for x in row]
     return torch.ops.accel.rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, float(safety),
-                                     int(order), bool(pi), bool(fsal))
+                                     int(order), bool(pi), bool(fsal), flat)
 
 
 @torch.library.register_fake("accel::rk_begin")
-def _begin_fake(t, h, next_index, times, c):
+def _begin_fake(t, h, next_index, times, c, clip):
     return t.new_empty(t.shape), t.new_empty(len(c), t.shape[0])
 
 
 @torch.library.register_fake("accel::rk_accept")
-def _accept_fake(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal):
+def _accept_fake(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal, interpolant):
     return y.new_empty(y.shape[0], dtype=torch.int8), y.new_empty((), dtype=torch.long)
 
 
@@ -60,18 +65,19 @@ def _next_time(t, next_index, times):
     return torch.where(next_index < T, times[next_index.clamp(max=T - 1)], t)
 
 
-def _reference_begin(t, h, next_index, times, c):
+def _reference_begin(t, h, next_index, times, c, clip):
     remaining = _next_time(t, next_index, times) - t
-    step = torch.where(h >= remaining, remaining, h)
+    step = torch.where(h >= remaining, remaining, h) if clip else torch.where(next_index < times.shape[0], h, 0.0)
     c = torch.tensor(c, dtype=t.dtype, device=t.device)
     return step, t + c[:, None] * step
 
 
-def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal):
+def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal,
+                      interpolant):
     T = times.shape[0]
     active = next_index < T
     t_next = _next_time(t, next_index, times)
-    hit = h >= t_next - t
+    hit = (h >= t_next - t) & (interpolant is None)
     if norm is None:
         accept = active
     else:
@@ -84,7 +90,10 @@ def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, tim
         h.copy_(torch.where(active, torch.where(accept, grown, torch.minimum(step * factor, step)), h))
         if pi:
             previous.copy_(torch.where(accept, n, previous))
+    t_old = t.clone()
     t.copy_(torch.where(accept, torch.where(hit, t_next, t + step), t))
+    if interpolant is not None:
+        _interpolate_outputs(y, k, t_old, t, step, accept, next_index, out, times, interpolant)
     y.copy_(torch.where(accept[:, None], y1, y))
     if fsal:
         k[0] = torch.where(accept[:, None], k[-1], k[0])
@@ -95,6 +104,24 @@ def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, tim
     next_index.add_(record)
     status = torch.where(accept, 1, torch.where(active, 0, -1)).to(torch.int8)
     return status, (next_index < T).sum()
+
+
+def interpolate_at(times, y, k, t_old, step, interpolant):
+    """The dense output of each sample's step from (t_old, y) with stages k (s, B, D) and step (B,) at every time
+    of times (T,): (T, B, D), y + step sum_i b_i(theta) k_i with theta = (time - t_old) / step. Differentiable (the
+    solver's backward goes through it)."""
+    P = torch.tensor(interpolant, dtype=y.dtype, device=y.device).reshape(k.shape[0], -1)
+    theta = torch.where(step > 0, (times[:, None] - t_old) / torch.where(step > 0, step, 1.0), 1.0)  # (T, B)
+    powers = torch.stack([theta ** (j + 1) for j in range(P.shape[1])], -1)  # (T, B, m)
+    return y + step[:, None] * torch.einsum("tbm,sm,sbd->tbd", powers, P, k)
+
+
+def _interpolate_outputs(y, k, t_old, t_new, step, accept, next_index, out, times, interpolant):
+    """Writes the dense output at every output time each accepted step passed, and moves next_index past them."""
+    rows = torch.arange(times.shape[0], device=y.device)[:, None]
+    written = (rows >= next_index) & (times[:, None] <= t_new) & accept  # (T, B)
+    out.copy_(torch.where(written[..., None], interpolate_at(times, y, k, t_old, step, interpolant), out))
+    next_index.add_(written.sum(0))
 
 
 register_backends("rk_begin", _reference_begin)

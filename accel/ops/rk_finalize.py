@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 from accel.ops.rk_stage import CHECK_ERRORS, below_autograd, is_compiling, not_a_tensor
 from accel.reference import ode as reference
 
@@ -174,5 +174,5 @@ def _reference_backward(grad_norm, grad_rho, y0, y1, k, g_prev, h, b_err, rtol, 
     return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves))
 
 
-register_backends("rk_finalize", _reference_forward)
-register_backends("rk_finalize_backward", _reference_backward)
+register_backends("rk_finalize", _reference_forward, triton_kernel("rk_finalize", "forward"))
+register_backends("rk_finalize_backward", _reference_backward, triton_kernel("rk_finalize", "backward"))

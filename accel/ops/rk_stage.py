@@ -8,7 +8,7 @@ small sizes, so the checks below are attribute comparisons only: no host syncs, 
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends
+from accel.ops._library import lib, register_backends, triton_kernel
 
 
 lib.define("rk_stage(Tensor y0, Tensor k, Tensor h, float[] a) -> Tensor")
@@ -149,5 +149,5 @@ def _reference_backward(grad, k, h, a):
     return grad_k, grad_h
 
 
-register_backends("rk_stage", _reference_forward)
-register_backends("rk_stage_backward", _reference_backward)
+register_backends("rk_stage", _reference_forward, triton_kernel("rk_stage", "forward"))
+register_backends("rk_stage_backward", _reference_backward, triton_kernel("rk_stage", "backward"))

@@ -31,6 +31,9 @@ class Tableau:
     error_order: int  # of the embedded one
     stability_bound: float | None = None  # where the stability region meets the negative real axis
     fsal: bool = True
+    # dense output: y(t + theta h) = y + h sum_i b_i(theta) k_i with b_i(theta) = sum_j P[i][j] theta^(j+1), one
+    # row P[i] per stage (the same polynomials scipy's RK45 and RK23 use)
+    interpolant: tuple | None = None
 
 
 DOPRI5 = Tableau(
@@ -42,7 +45,15 @@ DOPRI5 = Tableau(
     b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
     b_err=(35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
            -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40),
-    order=5, error_order=4, stability_bound=3.3066)
+    order=5, error_order=4, stability_bound=3.3066,
+    # Dormand and Prince's continuous extension of order 4 (Hairer, Norsett and Wanner, II.6)
+    interpolant=((1.0, -8048581381 / 2820520608, 8663915743 / 2820520608, -12715105075 / 11282082432),
+                 (0.0, 0.0, 0.0, 0.0),
+                 (0.0, 131558114200 / 32700410799, -68118460800 / 10900136933, 87487479700 / 32700410799),
+                 (0.0, -1754552775 / 470086768, 14199869525 / 1410260304, -10690763975 / 1880347072),
+                 (0.0, 127303824393 / 49829197408, -318862633887 / 49829197408, 701980252875 / 199316789632),
+                 (0.0, -282668133 / 205662961, 2019193451 / 616988883, -1453857185 / 822651844),
+                 (0.0, 40617522 / 29380423, -110615467 / 29380423, 69997945 / 29380423)))
 
 TSIT5 = Tableau(
     c=(0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
@@ -62,7 +73,8 @@ BOSH3 = Tableau(
     a=((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
     b=(2 / 9, 1 / 3, 4 / 9, 0.0),
     b_err=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
-    order=3, error_order=2)
+    order=3, error_order=2,
+    interpolant=((1.0, -4 / 3, 5 / 9), (0.0, 1.0, -2 / 3), (0.0, 4 / 3, -8 / 9), (0.0, -1.0, 1.0)))  # Hermite
 
 RK4 = Tableau(
     c=(0.0, 1 / 2, 1 / 2, 1.0),
@@ -87,6 +99,14 @@ def rk_step(f, t, y, h, tableau: Tableau, k1=None):
     y1 = y + hh * sum(bi * ki for bi, ki in zip(tableau.b, k))
     err = hh * sum(ei * ki for ei, ki in zip(tableau.b_err, k))
     return y1, err, torch.stack(k), torch.stack(g)
+
+
+def interpolate(y, k, h, theta, tableau: Tableau):
+    """The dense output y(t + theta h) of a step from (t, y) with stages k (s, B, D) and step h (B,), at
+    theta (B,) in [0, 1]."""
+    powers = torch.stack([theta ** (j + 1) for j in range(len(tableau.interpolant[0]))], -1)  # (B, m)
+    weights = powers @ torch.tensor(tableau.interpolant, dtype=y.dtype).T  # (B, s): b_i(theta)
+    return y + h[:, None] * torch.einsum("bs,sbd->bd", weights, k)
 
 
 def error_norm(err, y0, y1, rtol, atol):

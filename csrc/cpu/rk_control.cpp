@@ -26,10 +26,10 @@ void check_vector(const at::Tensor& x, int64_t B, const at::Tensor& like, const 
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), "rk_control: `", name, "` must have dtype ", like.scalar_type());
 }
 
-// step = min(h, times[next] - t) per sample (0 once a sample has passed its last output time), and the stage
-// times t + c_i step (s, B).
+// step = min(h, times[next] - t) per sample, or h with `clip` false (dense output); 0 once a sample has passed its
+// last output time; and the stage times t + c_i step (s, B).
 std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tensor& h, const at::Tensor& next_index,
-                                             const at::Tensor& times, at::ArrayRef<double> c) {
+                                             const at::Tensor& times, at::ArrayRef<double> c, bool clip) {
   const int64_t B = t.size(0), T = times.size(0), s = static_cast<int64_t>(c.size());
   check_vector(t, B, t, "t");
   check_vector(h, B, t, "h");
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tens
     scalar_t *sp = step.data_ptr<scalar_t>(), *st = stage_times.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t remaining = nx[b] < T ? tm[nx[b]] - tp[b] : scalar_t(0);
-      sp[b] = hp[b] >= remaining ? remaining : hp[b];
+      sp[b] = nx[b] >= T ? scalar_t(0) : (clip && hp[b] >= remaining) ? remaining : hp[b];
       for (int64_t i = 0; i < s; ++i) st[i * B + b] = tp[b] + static_cast<scalar_t>(c[i]) * sp[b];
     }
   });
@@ -54,15 +54,16 @@ std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tens
 
 // Per sample that has not finished: accept the step when its error norm is <= 1 (always, without a norm: fixed
 // steps); the next step size from the I or PI controller; on acceptance the new time (exactly the output time
-// when the step was shortened to it), y <- y1, the FSAL stage k[0] <- k[s-1], and the output row when the step
-// ended on an output time. Returns the status per sample (1 accepted, 0 rejected, -1 had finished) and how many
+// when the step was shortened to it), y <- y1, the FSAL stage k[0] <- k[s-1], and the outputs: the row of the
+// output time the step ended on, or with an interpolant (dense output, steps not shortened) every output time
+// the step passed, y + step sum_i b_i(theta) k_i. Returns the status per sample (1 accepted, 0 rejected, -1 had finished) and how many
 // samples have not finished.
 std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Tensor& k, const at::Tensor& t,
                                               const at::Tensor& h, const at::Tensor& next_index,
                                               const at::Tensor& previous, const at::Tensor& out, const at::Tensor& y1,
                                               const std::optional<at::Tensor>& norm, const at::Tensor& step,
                                               const at::Tensor& times, double safety, int64_t order, bool pi,
-                                              bool fsal) {
+                                              bool fsal, std::optional<at::ArrayRef<double>> interpolant) {
   const int64_t B = y.size(0), D = y.size(1), s = k.size(0), T = times.size(0);
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y1.sizes() == y.sizes() && y1.is_contiguous() &&
                   y1.scalar_type() == y.scalar_type(), "rk_control: `y` and `y1` must be contiguous (B, D) tensors");
@@ -77,6 +78,11 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
   TORCH_CHECK(times.dim() == 1 && times.scalar_type() == y.scalar_type() && times.is_contiguous(),
               "rk_control: `times` must be a contiguous 1-D tensor of y's dtype");
   TORCH_CHECK(order >= 1, "rk_control: `order` must be >= 1");
+  const bool dense = interpolant.has_value();
+  const int64_t m = dense ? static_cast<int64_t>(interpolant->size()) / s : 0;  // polynomial degree
+  TORCH_CHECK(!dense || (m >= 1 && m * s == static_cast<int64_t>(interpolant->size())),
+              "rk_control: `interpolant` must hold s rows of equal length");
+  std::vector<double> weights(s);
   auto status = at::empty({B}, y.options().dtype(at::kChar));
   int64_t unfinished = 0;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rk_accept", [&] {
@@ -94,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
         continue;
       }
       const T_ t_next = tm[nx[b]];
-      const bool hit = hp[b] >= t_next - tp[b];  // rk_begin shortened the step to end on the output time
+      const bool hit = !dense && hp[b] >= t_next - tp[b];  // rk_begin shortened the step to end on the output time
       bool accept = true;
       if (np) {
         const double e = static_cast<double>(np[b]);
@@ -113,7 +119,23 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
       }
       st[b] = accept ? 1 : 0;
       if (accept) {
-        tp[b] = hit ? t_next : tp[b] + sp[b];
+        const T_ t_old = tp[b];
+        tp[b] = hit ? t_next : t_old + sp[b];
+        while (dense && nx[b] < T && tm[nx[b]] <= tp[b]) {  // from y and the stages, before they are replaced
+          const double theta = sp[b] > 0 ? static_cast<double>(tm[nx[b]] - t_old) / sp[b] : 1.0;
+          for (int64_t i = 0; i < s; ++i) {
+            double w = 0, power = 1;
+            for (int64_t j = 0; j < m; ++j) w += (*interpolant)[i * m + j] * (power *= theta);
+            weights[i] = static_cast<double>(sp[b]) * w;
+          }
+          T_* row = op + (nx[b] * B + b) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            double value = yp[b * D + d];
+            for (int64_t i = 0; i < s; ++i) value += weights[i] * kp[(i * B + b) * D + d];
+            row[d] = static_cast<T_>(value);
+          }
+          ++nx[b];
+        }
         std::memcpy(yp + b * D, y1p + b * D, D * sizeof(T_));
         if (fsal) std::memcpy(kp + b * D, kp + ((s - 1) * B + b) * D, D * sizeof(T_));
         if (hit) {
