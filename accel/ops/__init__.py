@@ -12,11 +12,13 @@ from accel.ops.mixed_op import mixed_op
 from accel.ops.pack_bits import pack_bits, unpack_bits
 from accel.ops.quant_matmul import quant_matmul
 from accel.ops.quantize import QuantizedWeight, dequantize, fake_quantize, quantize
+from accel.ops.quantize_to_points import quantize_to_points
 from accel.ops.rk_control import rk_accept, rk_begin
 from accel.ops.rk_finalize import rk_finalize
 from accel.ops.rk_stage import rk_stage
 
 __all__ = ["QuantizedWeight", "batch_norm_mix", "binarize", "binary_linear", "binary_matmul", "causal_conv",
            "darts_pool_branches", "dequantize", "depthwise_conv2d", "fake_quantize", "hopfield_energy",
-           "hopfield_update", "krylov_kernel", "mixed_op", "pack_bits", "quant_matmul", "quantize", "unpack_bits"]
+           "hopfield_update", "krylov_kernel", "mixed_op", "pack_bits", "quant_matmul", "quantize",
+           "quantize_to_points", "unpack_bits"]
 __all__ += ["rk_accept", "rk_begin", "rk_finalize", "rk_stage"]

@@ -67,3 +67,11 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: 
     """Float activations against minmax-quantized weights, in float64."""
     out = x.double() @ dequantize(*quantize(w, bits, group_size, "minmax")).T
     return out if bias is None else out + bias.double()
+
+
+def quantize_to_points(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Polino et al.'s differentiable quantization: each value of x becomes the nearest of the learnable
+    quantization points (the lower one at a tie). Through autograd, a point's gradient is the sum of the
+    gradients of the values that became it."""
+    ordered = points.sort().values  # so that argmin's first minimum is the lower point
+    return ordered[(x.unsqueeze(-1) - ordered).abs().argmin(-1)]
