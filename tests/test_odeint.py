@@ -270,3 +270,65 @@ def test_gradcheck_through_dense_output():
     t = torch.tensor([0.0, 0.013, 0.05, 0.3, 0.31], dtype=torch.float64)
     weight = func.net[2].weight
     torch.autograd.gradcheck(lambda y, w: accel.odeint(func, y, t, rtol=1e9, atol=1e9, first_step=0.02), (y0, weight))
+
+
+def replay_regularizer(func, y0, trace, kind, tableau=reference.DOPRI5):
+    """ERNODE's sum of norm x h, or STRNODE's largest |h rho| / bound, over the accepted steps of a trace, through
+    plain autograd and the reference's error norm and stiffness estimate (one sample)."""
+    y, terms = y0, []
+    for it in trace:
+        if not bool(it.accepted.all()):
+            continue
+        y1, err, k, g = reference.rk_step(func, it.t, y, it.step, tableau)
+        if kind == "error":
+            terms.append(reference.error_norm(err, y, y1, 1e-6, 1e-8) * it.step)
+        else:
+            terms.append((it.step * reference.stiffness(k, g)).abs() / tableau.stability_bound)
+        y = y1
+    stacked = torch.stack(terms)
+    return stacked.sum(0) if kind == "error" else stacked.max(0).values
+
+
+@pytest.mark.parametrize("kind", ["error", "stiffness"])
+def test_regularizers_and_their_gradients_follow_the_steps_taken(kind):
+    from accel.ode.odeint import _Solver
+    torch.manual_seed(5)
+    func = MLP(d=3, hidden=8)
+    y0 = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.7], dtype=torch.float64)
+    _, reg = accel.odeint(func, y0, t, dense_output=False, regularization=kind)
+    got = torch.autograd.grad(reg.sum(), [y0, *func.parameters()])
+    solver = _Solver(func, reference.DOPRI5, t, 1e-6, 1e-8, "I", 0.9, None, None, 0.0, 1000, 1, dense_output=False)
+    with torch.no_grad():
+        solver.solve(y0.detach(), keep_trace=True)
+    want_reg = replay_regularizer(func, y0, solver.trace, kind)
+    torch.testing.assert_close(reg, want_reg.detach(), rtol=1e-6, atol=0)
+    want = torch.autograd.grad(want_reg.sum(), [y0, *func.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12)
+
+
+def test_regularizer_with_dense_output_and_the_solution_together():
+    func = MLP(d=2, hidden=8)
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    ys, reg, stats = accel.odeint(func, y0, t, regularization="error", return_stats=True)
+    assert reg.shape == (4,) and (reg > 0).all()
+    plain = accel.odeint(func, y0, t)
+    torch.testing.assert_close(ys, plain)
+    # the two gradients add up: the regularizer's gradient is what it adds to the solution's
+    both = torch.autograd.grad(ys.sum() + reg.sum(), y0)[0]
+    only_ys = torch.autograd.grad(plain.sum(), y0)[0]
+    only_reg = torch.autograd.grad(accel.odeint(func, y0, t, regularization="error")[1].sum(), y0)[0]
+    torch.testing.assert_close(both, only_ys + only_reg)
+    assert only_reg.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(regularization="kinetic"), "`regularization` must be one of"),
+    (dict(method="rk4", step_size=0.1, regularization="error"), "no error estimate"),
+    (dict(method="bosh3", regularization="stiffness"), "no stability bound"),
+])
+def test_bad_regularizations_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        accel.odeint(lambda t, y: -y, torch.zeros(2, 3), torch.tensor([0.0, 1.0]), **kwargs)

@@ -5,7 +5,8 @@ from accel.nn.depthwise_conv2d import DepthwiseConv2d, use_depthwise_kernels
 from accel.nn.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
 from accel.nn.lssl import LSSL
 from accel.nn.mixed_op import MixedOp
+from accel.nn.neural_ode import NeuralODE
 from accel.nn.quant import QuantLinear, distillation_loss, quantize_
 
 __all__ = ["BinaryLinear", "DepthwiseConv2d", "Hopfield", "HopfieldLayer", "HopfieldPooling", "LSSL", "MixedOp",
-           "QuantLinear", "darts", "distillation_loss", "quantize_", "use_depthwise_kernels"]
+           "NeuralODE", "QuantLinear", "darts", "distillation_loss", "quantize_", "use_depthwise_kernels"]

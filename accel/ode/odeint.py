@@ -32,12 +32,13 @@ from accel.ops.rk_stage import rk_stage
 from accel.reference.ode import METHODS, Tableau, initial_step
 
 CONTROLLERS = ("I", "PI")
+REGULARIZATIONS = (None, "error", "stiffness")
 
 
 def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8, *,
            controller: str = "I", safety: float = 0.9, first_step: float | None = None, step_size: float | None = None,
            min_step: float = 0.0, max_steps: int = 100_000, check_every: int | None = None, params=None,
-           dense_output: bool = True, return_stats: bool = False):
+           dense_output: bool = True, regularization: str | None = None, return_stats: bool = False):
     """Solves dy/dt = func(t, y) for a batch of initial states and returns y at the times of ``t``.
 
     Args:
@@ -63,12 +64,17 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
             has none), since the solver cannot see tensors inside a closure.
         dense_output: interpolate the outputs between steps where the method has an interpolant (dopri5, bosh3);
             False: shorten steps to end on the output times.
+        regularization: also return, per sample (B,), the solver-heuristic regularizer of Pal et al.
+            ("Opening the Blackbox"), differentiable by the same discrete adjoint: 'error' (ERNODE: the sum over
+            accepted steps of the error estimate's norm times the step) or 'stiffness' (STRNODE: the largest
+            |h rho| / the method's stability bound over accepted steps; dopri5 and tsit5).
         return_stats: also return a dict of statistics (see `_stats`).
 
-    Returns the solution (T, B, D) (or (T, D) for a 1-D y0), and the statistics when asked for.
+    Returns the solution (T, B, D) (or (T, D) for a 1-D y0), then the regularizer and the statistics when asked
+    for.
     """
     tableau = _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                     check_every)
+                     check_every, regularization)
     squeeze = y0.dim() == 1
     y0 = y0.unsqueeze(0) if squeeze else y0
     if params is None:
@@ -83,18 +89,19 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 4
     solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
-                     float(min_step), max_steps, check_every, bool(dense_output))
+                     float(min_step), max_steps, check_every, bool(dense_output), regularization)
     if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
-        ys = _Solve.apply(solver, y0, *params)
+        results = _Solve.apply(solver, y0, *params)
     else:
         with torch.no_grad():
-            ys = solver.solve(y0, keep_trace=False)
-    ys = ys.squeeze(1) if squeeze else ys
-    return (ys, solver.stats) if return_stats else ys
+            results = solver.solve(y0, keep_trace=False)
+    ys, *regularizer = results if regularization else (results,)
+    results = [ys.squeeze(1) if squeeze else ys, *regularizer] + ([solver.stats] if return_stats else [])
+    return tuple(results) if len(results) > 1 else results[0]
 
 
 def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-           check_every) -> Tableau:
+           check_every, regularization) -> Tableau:
     if not callable(func):
         raise TypeError(f"odeint: `func` must be callable as func(t, y), got {type(func).__name__}")
     if not isinstance(y0, Tensor) or y0.dim() not in (1, 2) or y0.dtype not in (torch.float32, torch.float64):
@@ -122,6 +129,12 @@ def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step
     tableau = METHODS[method]
     if tableau.error_order == 0 and step_size is None:
         raise ValueError(f"odeint: method {method!r} takes fixed steps: give `step_size`")
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(f"odeint: `regularization` must be one of {REGULARIZATIONS}, got {regularization!r}")
+    if regularization is not None and tableau.error_order == 0:
+        raise ValueError(f"odeint: method {method!r} has no error estimate to regularize")
+    if regularization == "stiffness" and tableau.stability_bound is None:
+        raise ValueError(f"odeint: method {method!r} has no stability bound for the stiffness regularizer")
     if not (isinstance(min_step, (int, float)) and min_step >= 0):
         raise ValueError(f"odeint: `min_step` must be a number >= 0, got {min_step!r}")
     for name, value in (("max_steps", max_steps), ("check_every", check_every)):
@@ -145,7 +158,7 @@ class _Trace(NamedTuple):
 
 class _Solver:
     def __init__(self, func, tableau, t, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                 check_every, dense_output=True):
+                 check_every, dense_output=True, regularization=None):
         self.func, self.tableau, self.times = func, tableau, t
         self.rtol, self.atol, self.controller, self.safety = rtol, atol, controller, safety
         self.first_step, self.step_size, self.min_step = first_step, step_size, min_step
@@ -156,6 +169,8 @@ class _Solver:
         self.fsal = tableau.fsal
         self.b = list(tableau.b)
         self.interpolant = tableau.interpolant if dense_output else None
+        self.regularization = regularization
+        self.regularizer_step = None  # stiffness: the iteration whose estimate is each sample's largest
         self.stats: dict = {}
         self.trace: list[_Trace] = []
 
@@ -172,17 +187,19 @@ class _Solver:
     def step(self, t0, y, step, all_stages=False):
         """y1 of one step from (t0, y), through autograd: the backward's recomputation. The stages go into a
         list (autograd forbids overwriting a buffer it saved). An FSAL method's last stage, f(y1), is not needed
-        for y1, only for the dense output: with all_stages, returns (y1, stages (s, B, D))."""
-        k = [self.func(t0, y)]
+        for y1, only for the dense output and the estimates: with all_stages, returns (y1, the stages (s, B, D),
+        the input of the stage before the last)."""
+        k, g = [self.func(t0, y)], [y]
         rows = self.rows[:-1] if self.fsal else self.rows
         for i, row in enumerate(rows, start=1):
-            k.append(self.func(t0 + self.tableau.c[i] * step, rk_stage(y, torch.stack(k), step, row)))
+            g.append(rk_stage(y, torch.stack(k), step, row))
+            k.append(self.func(t0 + self.tableau.c[i] * step, g[-1]))
         y1 = rk_stage(y, torch.stack(k), step, self.rows[-1] if self.fsal else self.b)
         if not all_stages:
             return y1
         if self.fsal:
             k.append(self.func(t0 + step, y1))
-        return y1, torch.stack(k)
+        return y1, torch.stack(k), g[-1]
 
     def solve(self, y0: Tensor, keep_trace: bool) -> Tensor:
         """The solution at every output time (T, B, D); the statistics into self.stats, and with keep_trace what
@@ -210,7 +227,7 @@ class _Solver:
         previous = torch.zeros(B, dtype=y0.dtype, device=y0.device)  # the PI controller's last accepted norm
         c, b_err, q = list(tab.c), list(tab.b_err), tab.error_order + 1
         norm = None
-        errors, stiffnesses, statuses = [], [], []
+        errors, stiffnesses, statuses, steps = [], [], [], []
         self.trace = []
         unfinished = T > 1
         while True:
@@ -236,10 +253,25 @@ class _Solver:
                 k[0] = func(t_now, y)
                 nfe += 1
             statuses.append(status)
+            steps.append(step)
             if keep_trace:
                 self.trace.append(_Trace(y_before, t_before, step, status == 1, first_row, next_index.clone()))
         self.stats = _stats(nfe, B, statuses, errors, stiffnesses)
-        return out
+        if self.regularization is None:
+            return out
+        return out, self._regularizer(self.stats["step_accepted"], steps, errors, stiffnesses, y0)
+
+    def _regularizer(self, accepted, steps, errors, stiffnesses, y0):
+        """ERNODE's sum of error norm x step, or STRNODE's largest |h rho| / bound, over accepted steps (B,)."""
+        if not steps:
+            self.regularizer_step = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+            return y0.new_zeros(y0.shape[0])
+        step = torch.stack(steps)
+        if self.regularization == "error":
+            return torch.where(accepted, torch.stack(errors) * step, 0.0).sum(0)
+        ratio = torch.where(accepted, (step * torch.stack(stiffnesses)).abs() / self.tableau.stability_bound, 0.0)
+        largest, self.regularizer_step = ratio.max(0)
+        return largest
 
     def _check_step(self, h, t_now, active):
         """Raises when an unfinished sample's step size is at or below min_step, or too small to move its time."""
@@ -272,21 +304,22 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, solver, y0, *params):
         with torch.no_grad():
-            ys = solver.solve(y0.detach(), keep_trace=True)
+            results = solver.solve(y0.detach(), keep_trace=True)
             trace = [torch.stack(field) for field in zip(*solver.trace)]  # (iterations, B, ...) per field
         solver.trace = []
         ctx.solver, ctx.num_params = solver, len(params)
         ctx.save_for_backward(*params, *trace)
-        return ys
+        return results
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ys):
+    def backward(ctx, grad_ys, grad_regularizer=None):
         solver, saved = ctx.solver, ctx.saved_tensors
         params, trace = saved[:ctx.num_params], _Trace(*saved[ctx.num_params:]) if len(saved) > ctx.num_params else None
         T, B, D = grad_ys.shape
         rows = torch.arange(T, device=grad_ys.device)[:, None]
         times = solver.times.to(device=grad_ys.device, dtype=grad_ys.dtype)
+        tab = solver.tableau
         adjoint = grad_ys.new_zeros(B, D)
         grad_params = [torch.zeros_like(p) for p in params]
         for n in reversed(range(0 if trace is None else trace.y.shape[0])):
@@ -298,19 +331,35 @@ class _Solve(torch.autograd.Function):
             accepted = trace.accepted[n]
             if not bool(accepted.any()):
                 continue
+            step = trace.step[n]
+            # the regularizer's share of this step: d(norm * h) for ERNODE, d(|h rho| / bound) at the sample's
+            # largest step for STRNODE
+            grad_estimate = None
+            if grad_regularizer is not None:
+                if solver.regularization == "error":
+                    grad_estimate = torch.where(accepted, grad_regularizer * step, 0.0)
+                else:
+                    largest = accepted & (solver.regularizer_step == n)
+                    grad_estimate = torch.where(largest, grad_regularizer * step.abs() / tab.stability_bound, 0.0)
             # y_next = y1(y) where accepted, else y: the adjoint of y is J^T (accepted * adjoint) plus the
             # rejected samples' own adjoint (correct even for a func that couples samples); with dense output,
             # the rows written are interpolants of this step, from y and its stages
             kept = accepted[:, None]
             with torch.enable_grad():
                 y = trace.y[n].detach().requires_grad_()
-                outputs, cotangents = [], [torch.where(kept, adjoint, 0.0)]
-                if dense:
-                    y1, k = solver.step(trace.t[n], y, trace.step[n], all_stages=True)
-                    outputs = [y1, interpolate_at(times, y, k, trace.t[n], trace.step[n], solver.interpolant)]
-                    cotangents.append(grad_written)
+                cotangents = [torch.where(kept, adjoint, 0.0)]
+                if dense or grad_estimate is not None:
+                    y1, k, g_prev = solver.step(trace.t[n], y, step, all_stages=True)
+                    outputs = [y1]
+                    if dense:
+                        outputs.append(interpolate_at(times, y, k, trace.t[n], step, solver.interpolant))
+                        cotangents.append(grad_written)
+                    if grad_estimate is not None:
+                        norm, rho = rk_finalize(y, y1, k, g_prev, step, list(tab.b_err), solver.rtol, solver.atol)
+                        outputs.append(norm if solver.regularization == "error" else rho)
+                        cotangents.append(grad_estimate)
                 else:
-                    outputs = [solver.step(trace.t[n], y, trace.step[n])]
+                    outputs = [solver.step(trace.t[n], y, step)]
                 vjp = torch.autograd.grad(outputs, (y, *params), cotangents, allow_unused=True)
             adjoint = vjp[0] + torch.where(kept, 0.0, adjoint)
             for g, v in zip(grad_params, vjp[1:]):

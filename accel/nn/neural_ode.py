@@ -1,0 +1,51 @@
+"""accel.nn.NeuralODE: a neural ODE block, y(t1) from y(t0) = x under dy/dt = func(t, y), solved by accel.odeint,
+with the solver-heuristic regularizers of "Opening the Blackbox" (ERNODE, STRNODE) on request."""
+import torch
+from torch import Tensor, nn
+
+from accel.ode import odeint
+
+
+class NeuralODE(nn.Module):
+    """Maps x (B, D) to y(t_span[-1]) of dy/dt = func(t, y), y(t_span[0]) = x.
+
+    Args:
+        func: an nn.Module called as func(t, y), t the (B,) per-sample times; its parameters are trained through
+            the solver (the discrete adjoint).
+        t_span: (t0, t1), or more times: forward returns y at the last one (``return_trajectory`` for all).
+        method, rtol, atol: passed to accel.odeint, with any other options in ``options``.
+        regularization: None, 'error' (ERNODE) or 'stiffness' (STRNODE); while training, the batch mean of the
+            regularizer times ``reg_weight`` is left in ``regularization_loss`` for the training loss to add
+            (0 in eval mode, where the regularizer is not computed).
+        return_trajectory: forward returns y at every time of t_span, (T, B, D).
+
+    After each forward, ``nfe`` holds the solver's function evaluations.
+    """
+
+    def __init__(self, func: nn.Module, t_span=(0.0, 1.0), method: str = "dopri5", rtol: float = 1e-6,
+                 atol: float = 1e-8, regularization: str | None = None, reg_weight: float = 0.0,
+                 return_trajectory: bool = False, **options):
+        super().__init__()
+        if not isinstance(func, nn.Module):
+            raise TypeError(f"NeuralODE: `func` must be an nn.Module, got {type(func).__name__}")
+        self.func = func
+        self.register_buffer("t_span", torch.as_tensor(t_span, dtype=torch.get_default_dtype()))
+        self.method, self.rtol, self.atol = method, rtol, atol
+        self.regularization, self.reg_weight = regularization, float(reg_weight)
+        self.return_trajectory, self.options = return_trajectory, options
+        self.regularization_loss: Tensor | float = 0.0
+        self.nfe = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        regularize = self.training and self.regularization is not None
+        results = odeint(self.func, x, self.t_span.to(x.dtype), self.method, self.rtol, self.atol,
+                         regularization=self.regularization if regularize else None, return_stats=True,
+                         **self.options)
+        ys, stats = results[0], results[-1]
+        self.regularization_loss = self.reg_weight * results[1].mean() if regularize else 0.0
+        self.nfe = stats["nfe"]
+        return ys if self.return_trajectory else ys[-1]
+
+    def extra_repr(self) -> str:
+        return (f"t_span={tuple(self.t_span.tolist())}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
+                f"regularization={self.regularization!r}, reg_weight={self.reg_weight}")

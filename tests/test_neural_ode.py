@@ -1,0 +1,78 @@
+"""accel.nn.NeuralODE: the solution of accel.odeint at the end of t_span, the regularizer left for the loss in
+training mode only, nn.Module behaviour (state_dict, .to(), train/eval), and a few steps of training that fit a
+target map."""
+import pytest
+import torch
+from torch import nn
+
+import accel
+from accel.nn import NeuralODE
+
+
+class Field(nn.Module):
+    def __init__(self, d=2, hidden=16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def test_forward_is_odeint_at_the_last_time_and_reports_nfe():
+    torch.manual_seed(0)
+    block = NeuralODE(Field(), t_span=(0.0, 0.5, 1.0))
+    x = torch.randn(7, 2)
+    with torch.no_grad():
+        want, stats = accel.odeint(block.func, x, torch.tensor([0.0, 0.5, 1.0]), return_stats=True)
+        assert torch.equal(block(x), want[-1])
+    assert block.nfe == stats["nfe"]
+    block.return_trajectory = True
+    with torch.no_grad():
+        assert torch.equal(block(x), want)
+
+
+def test_regularization_loss_only_while_training():
+    torch.manual_seed(1)
+    block = NeuralODE(Field(), regularization="error", reg_weight=0.5)
+    x = torch.randn(5, 2)
+    block.train()
+    block(x)
+    loss = block.regularization_loss
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad and loss > 0
+    _, reg = accel.odeint(block.func, x, torch.tensor([0.0, 1.0]), regularization="error")
+    torch.testing.assert_close(loss, 0.5 * reg.mean())
+    block.eval()
+    block(x)
+    assert block.regularization_loss == 0.0
+
+
+def test_behaves_like_a_module():
+    block = NeuralODE(Field(), t_span=(0.0, 2.0), rtol=1e-5)
+    state = block.state_dict()
+    assert "t_span" in state and "func.net.0.weight" in state
+    double = NeuralODE(Field(), t_span=(0.0, 2.0), rtol=1e-5).double()
+    double.load_state_dict({k: v.double() for k, v in state.items()})
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        out = double(x)
+    assert out.dtype == torch.float64 and out.shape == (3, 2)
+    with pytest.raises(TypeError, match="`func` must be an nn.Module"):
+        NeuralODE(lambda t, y: y)
+
+
+def test_trains_to_fit_a_rotation():
+    torch.manual_seed(2)
+    block = NeuralODE(Field(hidden=32), rtol=1e-4, atol=1e-6)
+    x = torch.randn(64, 2)
+    angle = torch.tensor(0.8)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+    target = x @ rotation.T
+    optimizer = torch.optim.Adam(block.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = (block(x) - target).pow(2).mean()
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
