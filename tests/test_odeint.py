@@ -332,3 +332,27 @@ def test_regularizer_with_dense_output_and_the_solution_together():
 def test_bad_regularizations_get_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         accel.odeint(lambda t, y: -y, torch.zeros(2, 3), torch.tensor([0.0, 1.0]), **kwargs)
+
+
+@pytest.mark.parametrize("method, kind", [("dopri5", "error"), ("tsit5", "stiffness"), ("bosh3", "error")])
+def test_local_regularizer_is_one_steps_estimate(method, kind):
+    from accel.ode import local_regularizer
+    torch.manual_seed(6)
+    func = MLP(d=3, hidden=8)
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, dtype=torch.float64)
+    h = torch.rand(4, dtype=torch.float64) * 0.2 + 0.05
+    got = local_regularizer(func, t, y, h, method, kind)
+    tableau = reference.METHODS[method]
+    y1, err, k, g = reference.rk_step(func, t, y, h, tableau)
+    want = (reference.error_norm(err, y, y1, 1e-6, 1e-8) if kind == "error"
+            else (h * reference.stiffness(k, g)).abs() / tableau.stability_bound)
+    # the estimates are differences of stages: their cancellation amplifies the rounding of the stage sums
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), [y, *func.parameters()]),
+                    torch.autograd.grad(want.sum(), [y, *func.parameters()])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * b.abs().max().item())
+    default_h = local_regularizer(func, t, y, None, method, kind)  # Hairer's starting step
+    assert default_h.shape == (4,) and torch.isfinite(default_h).all()
+    with pytest.raises(ValueError, match="adaptive method"):
+        local_regularizer(func, t, y, h, "rk4")

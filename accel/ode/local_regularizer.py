@@ -1,0 +1,48 @@
+"""accel.ode.local_regularizer: the local variant of the solver-heuristic regularizers ("Locally Regularized
+Neural Differential Equations"): instead of accumulating the error or stiffness estimate over every step of the
+solve (accel.odeint's `regularization`), take one step from one point of the trajectory and penalise its
+estimate. It works with any way of differentiating the solve, since it is a separate, small graph.
+
+Unbiased: a time drawn uniformly from the span and the trajectory's state there (an extra output time of the
+solve); biased: a time the solver stepped from. Either way the caller passes the state; this takes the step.
+"""
+import torch
+from torch import Tensor
+
+from accel.ops.rk_finalize import rk_finalize
+from accel.ops.rk_stage import rk_stage
+from accel.reference.ode import METHODS, initial_step
+
+
+def local_regularizer(func, t: Tensor, y: Tensor, h: Tensor | None = None, method: str = "dopri5",
+                      kind: str = "error", rtol: float = 1e-6, atol: float = 1e-8) -> Tensor:
+    """One step of ``method`` from (t, y) per sample, and its error norm (kind 'error') or |h rho| / the
+    method's stability bound ('stiffness'): (B,), differentiable w.r.t. y and func's parameters.
+
+    Args:
+        func: func(t, y) as for accel.odeint.
+        t: (B,) times, y: (B, D) states on the trajectory there.
+        h: (B,) step sizes; None: Hairer's starting step for (t, y) (treated as a constant).
+        method: an adaptive method of accel.odeint (dopri5, tsit5, bosh3; 'stiffness' needs dopri5 or tsit5).
+    """
+    if method not in METHODS or METHODS[method].error_order == 0:
+        raise ValueError(f"local_regularizer: `method` must be an adaptive method, got {method!r}")
+    tableau = METHODS[method]
+    if kind not in ("error", "stiffness"):
+        raise ValueError(f"local_regularizer: `kind` must be 'error' or 'stiffness', got {kind!r}")
+    if kind == "stiffness" and tableau.stability_bound is None:
+        raise ValueError(f"local_regularizer: method {method!r} has no stability bound for 'stiffness'")
+    if y.dim() != 2 or t.shape != y.shape[:1]:
+        raise ValueError(f"local_regularizer: `y` must be (B, D) and `t` (B,), got {tuple(y.shape)} and "
+                         f"{tuple(t.shape)}")
+    k0 = func(t, y)
+    if h is None:
+        with torch.no_grad():
+            h = initial_step(func, t, y.detach(), k0.detach(), tableau.error_order, rtol, atol)
+    k, g = [k0], [y]
+    for i, row in enumerate(tableau.a[1:], start=1):
+        g.append(rk_stage(y, torch.stack(k), h, list(row)))
+        k.append(func(t + tableau.c[i] * h, g[-1]))
+    # FSAL tableaus: the last stage's input is y1
+    norm, rho = rk_finalize(y, g[-1], torch.stack(k), g[-2], h, list(tableau.b_err), rtol, atol)
+    return norm if kind == "error" else (h * rho).abs() / tableau.stability_bound
