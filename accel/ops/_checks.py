@@ -1,6 +1,16 @@
 """Input checks shared by the ops: errors that name the argument and what was expected."""
 from torch import Tensor
 
+# what a combined fast-path test of shapes and attributes may raise on a wrong argument; the op then explains
+CHECK_ERRORS = (AttributeError, TypeError, ValueError)
+
+
+def not_a_tensor(op: str, **arguments):
+    """Raises the TypeError naming the first argument that is not a Tensor."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{op}: `{name}` must be a Tensor, got {type(value).__name__}")
+
 
 def check_tensor_list(op: str, name: str, ts: list, dtypes: tuple) -> Tensor:
     """That ``ts`` is a non-empty list of tensors of one shape, one device and one dtype among ``dtypes``;

@@ -40,3 +40,34 @@ def triton_kernel(module: str, function: str):
 
     call.__name__ = f"{module}_{function}"
     return call
+
+
+def eager_autograd(op, setup_context, backward):
+    """A call of ``op`` (an OpOverload whose autograd is registered with these setup_context and backward) for
+    ops the solver calls many times per step at small sizes, where the registered autograd kernel costs more than
+    the kernel: ``call(needs_grad, *args)`` runs the kernel below the Autograd key when nothing is to be
+    differentiated, else through an autograd.Function with the same setup_context and backward (about 30 us a
+    call less than the registered autograd kernel, which is a second trip through the dispatcher and Python's
+    argument filling). Under torch.compile the op is traced as usual, with its registered autograd."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(needs_grad: bool, *args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if needs_grad and torch.is_grad_enabled():
+            return Function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call

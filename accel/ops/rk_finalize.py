@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends, triton_kernel
-from accel.ops.rk_stage import CHECK_ERRORS, below_autograd, is_compiling, not_a_tensor
+from accel.ops._checks import CHECK_ERRORS, not_a_tensor
+from accel.ops._library import eager_autograd, lib, register_backends, triton_kernel
 from accel.reference import ode as reference
 
 lib.define("rk_finalize(Tensor y0, Tensor y1, Tensor k, Tensor g_prev, Tensor h, float[] b_err, float rtol, "
@@ -62,15 +62,8 @@ def rk_finalize(y0: Tensor, y1: Tensor, k: Tensor, g_prev: Tensor, h: Tensor, b_
     if not ok:
         _explain(y0, y1, k, g_prev, h, b_err, rtol, atol)
     rtol, atol = float(rtol), float(atol)
-    # as in accel/ops/rk_stage.py: the registered autograd under torch.compile, the Function below in eager mode,
-    # straight to the kernel when there is nothing to differentiate
-    if is_compiling():
-        return _op(y0, y1, k, g_prev, h, b_err, rtol, atol)
-    if torch.is_grad_enabled() and (y0.requires_grad or y1.requires_grad or k.requires_grad or g_prev.requires_grad
-                                    or h.requires_grad):
-        return _Autograd.apply(y0, y1, k, g_prev, h, b_err, rtol, atol)
-    with below_autograd():
-        return _op(y0, y1, k, g_prev, h, b_err, rtol, atol)
+    needs_grad = y0.requires_grad or y1.requires_grad or k.requires_grad or g_prev.requires_grad or h.requires_grad
+    return _call(needs_grad, y0, y1, k, g_prev, h, b_err, rtol, atol)
 
 
 def _explain(y0, y1, k, g_prev, h, b_err, rtol, atol):
@@ -129,30 +122,12 @@ def _backward(ctx, grad_norm, grad_rho):
 torch.library.register_autograd("accel::rk_finalize", _backward, setup_context=_setup_context)
 
 
-class _Autograd(torch.autograd.Function):
-    """Eager autograd for rk_finalize, with the same setup_context and backward as the registered one (see
-    accel/ops/rk_stage.py)."""
-
-    @staticmethod
-    def forward(ctx, y0, y1, k, g_prev, h, b_err, rtol, atol):
-        with below_autograd():
-            out = _op(y0, y1, k, g_prev, h, b_err, rtol, atol)
-        _setup_context(ctx, (y0, y1, k, g_prev, h, b_err, rtol, atol), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_norm, grad_rho):
-        return _backward(ctx, grad_norm, grad_rho)
-
-
-def _error_sum(k, b_err):
-    terms = [bi * k[i] for i, bi in enumerate(b_err) if bi != 0.0]
-    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(k[0])
+_call = eager_autograd(_op, _setup_context, _backward)
 
 
 def _reference(y0, y1, k, g_prev, h, b_err, rtol, atol):
     """The two outputs by accel.reference.ode, with the error norm's gradient at 0 taken as 0."""
-    err = h[:, None] * _error_sum(k, b_err)
+    err = h[:, None] * reference.combination(k, b_err)
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     ms = (err / scale).pow(2).mean(-1)
     norm = torch.where(ms > 0, torch.where(ms > 0, ms, 1.0).sqrt(), torch.zeros_like(ms))  # error_norm, safe at 0
@@ -161,7 +136,7 @@ def _reference(y0, y1, k, g_prev, h, b_err, rtol, atol):
 
 def _reference_forward(y0, y1, k, g_prev, h, b_err, rtol, atol):
     with torch.no_grad():
-        err = h[:, None] * _error_sum(k, b_err)
+        err = h[:, None] * reference.combination(k, b_err)
         return (reference.error_norm(err, y0, y1, rtol, atol).contiguous(),
                 reference.stiffness(k, torch.stack([g_prev, y1])).contiguous())
 

@@ -8,7 +8,9 @@ small sizes, so the checks below are attribute comparisons only: no host syncs, 
 import torch
 from torch import Tensor
 
-from accel.ops._library import lib, register_backends, triton_kernel
+from accel.ops._checks import CHECK_ERRORS, not_a_tensor
+from accel.ops._library import eager_autograd, lib, register_backends, triton_kernel
+from accel.reference import ode as reference
 
 
 lib.define("rk_stage(Tensor y0, Tensor k, Tensor h, float[] a) -> Tensor")
@@ -16,13 +18,6 @@ lib.define("rk_stage_backward(Tensor grad, Tensor k, Tensor h, float[] a) -> (Te
 
 _op = torch.ops.accel.rk_stage.default
 _F32, _F64 = torch.float32, torch.float64
-# The solver's forward runs without autograd: calls with nothing to differentiate go straight to the kernel
-# below the Autograd key, skipping the Python autograd kernel of register_autograd (about 10 us a call, more
-# than the kernel itself at B = 256, D = 32); calls that need gradients go through _Autograd (below). Under
-# torch.compile the op is traced as usual, with its registered autograd.
-below_autograd = torch._C._AutoDispatchBelowAutograd
-is_compiling = torch.compiler.is_compiling
-CHECK_ERRORS = (AttributeError, TypeError, ValueError)
 
 
 def rk_stage(y0: Tensor, k: Tensor, h: Tensor, a) -> Tensor:
@@ -47,19 +42,7 @@ def rk_stage(y0: Tensor, k: Tensor, h: Tensor, a) -> Tensor:
         ok = False
     if not ok:
         _explain(y0, k, h, a)
-    if is_compiling():
-        return _op(y0, k, h, a)
-    if torch.is_grad_enabled() and (y0.requires_grad or k.requires_grad or h.requires_grad):
-        return _Autograd.apply(y0, k, h, a)
-    with below_autograd():
-        return _op(y0, k, h, a)
-
-
-def not_a_tensor(op: str, **arguments):
-    """Raises the TypeError naming the first argument that is not a Tensor."""
-    for name, value in arguments.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{op}: `{name}` must be a Tensor, got {type(value).__name__}")
+    return _call(y0.requires_grad or k.requires_grad or h.requires_grad, y0, k, h, a)
 
 
 def _explain(y0, k, h, a):
@@ -111,33 +94,12 @@ def _backward(ctx, grad):
 torch.library.register_autograd("accel::rk_stage", _backward, setup_context=_setup_context)
 
 
-class _Autograd(torch.autograd.Function):
-    """Eager autograd for rk_stage, with the same setup_context and backward as the registered one above. The
-    registered autograd kernel costs about 30 us more a call (a second trip through the dispatcher and Python's
-    argument filling) than this Function around the kernel; torch.compile and direct calls of the op use the
-    registered one."""
-
-    @staticmethod
-    def forward(ctx, y0, k, h, a):
-        with below_autograd():
-            out = _op(y0, k, h, a)
-        _setup_context(ctx, (y0, k, h, a), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
-
-
-def _stage_sum(k, a):
-    """sum_j a[j] k[j] over the nonzero coefficients, in order (a zero-stage sum is 0)."""
-    terms = [aj * k[j] for j, aj in enumerate(a) if aj != 0.0]
-    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(k[0])
+_call = eager_autograd(_op, _setup_context, _backward)
 
 
 def _reference_forward(y0, k, h, a):
     # accel.reference.ode.rk_step's g_i = y + h sum_j a_ij k_j
-    return (y0 + h[:, None] * _stage_sum(k, a)).contiguous()
+    return (y0 + h[:, None] * reference.combination(k, a)).contiguous()
 
 
 def _reference_backward(grad, k, h, a):
@@ -145,7 +107,7 @@ def _reference_backward(grad, k, h, a):
     for j, aj in enumerate(a):
         if aj != 0.0:
             grad_k[j] = aj * h[:, None] * grad
-    grad_h = (grad * _stage_sum(k, a)).sum(-1)
+    grad_h = (grad * reference.combination(k, a)).sum(-1)
     return grad_k, grad_h
 
 

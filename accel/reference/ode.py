@@ -101,6 +101,13 @@ def rk_step(f, t, y, h, tableau: Tableau, k1=None):
     return y1, err, torch.stack(k), torch.stack(g)
 
 
+def combination(k, weights):
+    """sum_j weights[j] k[j] over the nonzero weights, in order (0 when there are none): a stage input's or the
+    error estimate's sum of stages, as the fused step ops add them."""
+    terms = [w * k[j] for j, w in enumerate(weights) if w != 0.0]
+    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(k[0])
+
+
 def interpolate(y, k, h, theta, tableau: Tableau):
     """The dense output y(t + theta h) of a step from (t, y) with stages k (s, B, D) and step h (B,), at
     theta (B,) in [0, 1]."""
