@@ -12,6 +12,7 @@ them alike; every variant starts from the same initial weights.
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -190,6 +191,20 @@ def table(name: str, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(path: str, tables: list[str]):
+    from accel.benchmark import report
+    from accel.benchmark.harness import machine_info
+    info = machine_info(torch.device("cpu"))
+    hardware = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores"
+    with open(path, "w") as f:
+        f.write(f"## Regularized neural ODEs (bench/ode_regularization.py)\n\n- {hardware}; torch {info['torch']}; "
+                f"{info['date']}; load average at the end {info['loadavg_start']:.2f}\n- command: `python bench/ode_regularization.py {' '.join(sys.argv[1:])}`\n"
+                "- prediction NFE: the solver's evaluations of the dynamics to predict the whole test set as one "
+                "batch; prediction time: its median over 7 rounds; training time: the sum of the variant's epochs; "
+                "ratios to the unregularized variant\n\n" + "\n".join(tables))
+    print("\n".join(report.write_report()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=[*TASKS, "both"], default="both")
@@ -199,14 +214,18 @@ def main():
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--json", help="also write every seed's numbers here")
+    parser.add_argument("--markdown", help="also write the tables here (bench/results/ode_regularization.md goes "
+                                           "into BENCHMARKS.md) and regenerate BENCHMARKS.md")
     args = parser.parse_args()
-    everything = {}
+    everything, tables = {}, []
     for name in TASKS if args.task == "both" else [args.task]:
         runs = [run_task(name, seed, args.epochs, args.rtol, args.atol, args.lr) for seed in args.seeds]
         everything[name] = runs
-        print(f"\n{name}: dopri5, rtol {args.rtol:g}, atol {args.atol:g}, {args.epochs or EPOCHS[name]} epochs, "
-              f"seeds {args.seeds}, means over seeds\n")
-        print(table(name, runs), flush=True)
+        tables.append(f"{name}: dopri5, rtol {args.rtol:g}, atol {args.atol:g}, {args.epochs or EPOCHS[name]} "
+                      f"epochs of Adam (lr {args.lr:g}), seeds {args.seeds}, means over seeds\n\n{table(name, runs)}\n")
+        print("\n" + tables[-1], flush=True)
+    if args.markdown:
+        write_markdown(args.markdown, tables)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": everything}, f, indent=1)

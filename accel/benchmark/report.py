@@ -47,6 +47,8 @@ def write_report(results_dir: Path | None = None, markdown: Path | None = None) 
         png = results_dir / f"{machine}.png"
         plotted = plt is not None and write_plot(plt, run, machine, png)
         sections.append(machine_section(machine, run, os.path.relpath(png, markdown.parent) if plotted else None))
+    # results of scripts that time whole training runs (bench/ode_regularization.py) come as markdown
+    sections += [path.read_text() for path in sorted(results_dir.glob("*.md"))]
     markdown.write_text(_HEADER + ("\n".join(sections) if sections else "No full benchmark runs yet.\n"))
     log.append(f"report: wrote {markdown} ({len(runs)} machine(s))")
     return log
