@@ -219,7 +219,10 @@ def main():
     args = parser.parse_args()
     everything, tables = {}, []
     for name in TASKS if args.task == "both" else [args.task]:
-        runs = [run_task(name, seed, args.epochs, args.rtol, args.atol, args.lr) for seed in args.seeds]
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_task(name, seed, args.epochs, args.rtol, args.atol, args.lr))
+            print(f"{name} seed {seed}: {runs[-1]}", flush=True)
         everything[name] = runs
         tables.append(f"{name}: dopri5, rtol {args.rtol:g}, atol {args.atol:g}, {args.epochs or EPOCHS[name]} "
                       f"epochs of Adam (lr {args.lr:g}), seeds {args.seeds}, means over seeds\n\n{table(name, runs)}\n")

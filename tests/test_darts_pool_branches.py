@@ -79,7 +79,7 @@ def test_every_element_written_and_deterministic(poisoned_outputs):
 
 def test_training_on_one_value_per_channel_raises_like_batchnorm():
     max_b, avg_b = branches(2)
-    with pytest.raises(RuntimeError, match="more than one value per channel"):
+    with pytest.raises(ValueError, match="more than one value per channel"):
         darts_pool_branches(torch.randn(1, 2, 1, 1), torch.rand(2), max_b[1], avg_b[1])
 
 

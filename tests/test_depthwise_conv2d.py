@@ -133,7 +133,7 @@ def test_bad_input_raises_a_clear_error(call, match):
 
 
 def test_kernel_larger_than_padded_input_raises():
-    with pytest.raises(RuntimeError, match="output would be empty"):
+    with pytest.raises(ValueError, match="output would be empty"):
         depthwise_conv2d(torch.randn(1, 2, 3, 3), torch.randn(2, 1, 5, 5))
 
 

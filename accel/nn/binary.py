@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from accel.nn.packed_linear import PackedLinear
+from accel.ops._checks import is_real
 from accel.ops import binarize, pack_bits
 from accel.ops.binarize import ESTIMATORS
 from accel.ops.binary_matmul import binary_linear
@@ -40,6 +41,14 @@ class BinaryLinear(PackedLinear):
             raise ValueError(f"BinaryLinear: `estimator` must be one of {ESTIMATORS}, got {estimator!r}")
         if scale not in SCALES:
             raise ValueError(f"BinaryLinear: `scale` must be one of {SCALES}, got {scale!r}")
+        # binarize checks o, t and delta on every call; here they are the constructor's to name
+        if not (is_real(o_end) and o_end >= 1):
+            raise ValueError(f"BinaryLinear: `o_end` must be a finite number >= 1, got {o_end!r}")
+        if not (is_real(t) and t > 0):
+            raise ValueError(f"BinaryLinear: `t` must be a finite number > 0, got {t!r}")
+        if not (is_real(delta) and delta > 0 and (delta < t or estimator != "reste")):
+            raise ValueError(f"BinaryLinear: `delta` must be a finite number > 0, below `t` ({t}) for ReSTE, got "
+                             f"{delta!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.estimator, self.scale, self.binarize_input = estimator, scale, binarize_input
         self.o, self.o_end, self.t, self.delta = 1.0, o_end, t, delta

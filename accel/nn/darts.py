@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.nn.mixed_op import MixedOp
+from accel.ops._checks import check_count, is_real
 from accel.reference.darts import PRIMITIVES, FactorizedReduce, ReLUConvBN
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -65,6 +66,12 @@ class Cell(nn.Module):
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
                  reduction_prev: bool, mixed_op=MixedOp, partial_channels: int = 1):
         super().__init__()
+        for name, value in (("steps", steps), ("C_prev_prev", C_prev_prev), ("C_prev", C_prev), ("C", C)):
+            check_count("Cell", name, value)
+        if not (isinstance(multiplier, int) and 1 <= multiplier <= steps + 2):
+            raise ValueError(f"Cell: `multiplier` must be an int in [1, steps + 2] = [1, {steps + 2}] (the nodes "
+                             f"concatenated), got {multiplier!r}")
+        self._inputs = (C_prev_prev, C_prev)
         self.reduction = reduction
         # After a reduction cell, s0 is at twice s1's resolution and must be halved too.
         if reduction_prev:
@@ -85,6 +92,18 @@ class Cell(nn.Module):
         """``weights``: (number of edges, number of primitives), one row per edge in construction order;
         ``index``: GDAS' sampled op per edge (a list of ints), or None; ``edge_scale``: PC-DARTS' normalised
         edge weights (one per edge), or None."""
+        for name, s, channels in (("s0", s0, self._inputs[0]), ("s1", s1, self._inputs[1])):
+            if not isinstance(s, torch.Tensor) or s.dim() != 4 or s.shape[1] != channels:
+                raise ValueError(f"Cell: `{name}` must be a (N, {channels}, H, W) tensor, got "
+                                 f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
+        edges = len(self._ops)
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or weights.shape[0] != edges:
+            raise ValueError(f"Cell: `weights` must be a (edges, primitives) tensor with {edges} edges, got "
+                             f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+        if index is not None and len(index) != edges:
+            raise ValueError(f"Cell: `index` must hold one sampled operation per edge, {edges}, got {len(index)}")
+        if edge_scale is not None and tuple(edge_scale.shape) != (edges,):
+            raise ValueError(f"Cell: `edge_scale` must have shape ({edges},), got {tuple(edge_scale.shape)}")
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
@@ -123,6 +142,11 @@ class Network(nn.Module):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"Network: unknown `weighting` {weighting!r}; known: {WEIGHTINGS}")
+        for name, value in (("C", C), ("num_classes", num_classes), ("layers", layers), ("steps", steps),
+                            ("multiplier", multiplier), ("stem_multiplier", stem_multiplier)):
+            check_count("Network", name, value)
+        if not (is_real(tau) and tau > 0):
+            raise ValueError(f"Network: `tau` must be a finite number > 0, got {tau!r}")
         self._C = C
         self._num_classes = num_classes
         self._layers = layers
@@ -164,6 +188,11 @@ class Network(nn.Module):
         self._perturbed = False
 
     def forward(self, input):
+        if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
+            raise TypeError(f"Network: `input` must be a floating-point tensor, got "
+                            f"{input.dtype if isinstance(input, torch.Tensor) else type(input).__name__}")
+        if input.dim() != 4 or input.shape[1] != 3:
+            raise ValueError(f"Network: `input` must be an (N, 3, H, W) image batch, got {tuple(input.shape)}")
         s0 = s1 = self.stem(input)
         weights = [self.cell_weights(reduction) for reduction in (False, True)]
         for cell in self.cells:

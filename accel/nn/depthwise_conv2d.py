@@ -3,6 +3,8 @@ import torch
 from torch import nn
 
 from accel.ops import depthwise_conv2d
+from accel.ops._checks import check_count
+from accel.ops.depthwise_conv2d import check_geometry
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -11,6 +13,10 @@ class DepthwiseConv2d(nn.Conv2d):
     applies (float32 and float64, 4-D input) and by nn.Conv2d otherwise."""
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1):
+        check_count("DepthwiseConv2d", "channels", channels)
+        for size in (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size):
+            check_count("DepthwiseConv2d", "kernel_size", size)
+        check_geometry(stride, padding, dilation, "DepthwiseConv2d")
         super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=channels, bias=False)
 

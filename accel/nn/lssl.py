@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.ops import causal_conv, krylov_kernel
+from accel.ops._checks import check_count, is_real
 from accel.reference.lssl import MEASURES, discretize, hippo
 
 
@@ -41,8 +42,16 @@ class LSSL(nn.Module):
             raise ValueError(f"LSSL: `measure` must be one of {MEASURES}, got {measure!r}")
         if discretization not in ("gbt", "zoh"):
             raise ValueError(f"LSSL: `discretization` must be 'gbt' or 'zoh', got {discretization!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"LSSL: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("channels", channels)):
+            check_count("LSSL", name, value)
+        if not (is_real(dt_min) and dt_min > 0):
+            raise ValueError(f"LSSL: `dt_min` must be a finite number > 0, got {dt_min!r}")
+        if not (is_real(dt_max) and dt_max >= dt_min):
+            raise ValueError(f"LSSL: `dt_max` must be a finite number >= `dt_min` ({dt_min}), got {dt_max!r}")
+        if not (is_real(dropout) and 0 <= dropout <= 1):
+            raise ValueError(f"LSSL: `dropout` must be in [0, 1], got {dropout!r}")
+        if discretization == "gbt" and not (is_real(alpha) and 0 <= alpha <= 1):
+            raise ValueError(f"LSSL: `alpha` of the generalised bilinear transform must be in [0, 1], got {alpha!r}")
         self.d_model, self.d_state, self.channels = d_model, d_state, channels
         self.bidirectional = bidirectional
         self.discretization, self.alpha = discretization, alpha
@@ -73,8 +82,8 @@ class LSSL(nn.Module):
         return K[:, : self.channels], K[:, self.channels:]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        if u.dim() != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"LSSL: input must have shape (B, L, {self.d_model}), got {tuple(u.shape)}")
+        if u.dim() != 3 or u.shape[-1] != self.d_model or u.shape[1] == 0:
+            raise ValueError(f"LSSL: `u` must have shape (B, L, {self.d_model}) with L >= 1, got {tuple(u.shape)}")
         K, K_reverse = self.kernel(u.shape[1])
         y = causal_conv(u, K, self.D, "gelu", K_reverse)  # (B, L, H, M)
         y = self.dropout(y)
@@ -89,6 +98,11 @@ class LSSL(nn.Module):
         over a sequence from ``default_state`` gives ``forward``'s output (in eval mode: no dropout)."""
         if self.bidirectional:
             raise RuntimeError("LSSL.step: a bidirectional layer sees the future; it has no recurrent mode")
+        if u_t.dim() != 2 or u_t.shape[1] != self.d_model:
+            raise ValueError(f"LSSL.step: `u_t` must have shape (B, {self.d_model}), got {tuple(u_t.shape)}")
+        if state.shape != (u_t.shape[0], self.d_model, self.d_state):
+            raise ValueError(f"LSSL.step: `state` must have shape ({u_t.shape[0]}, {self.d_model}, {self.d_state}), "
+                             f"got {tuple(state.shape)}")
         dA, dB = self.discrete_system()
         state = torch.einsum("hnk,bhk->bhn", dA, state) + dB * u_t[..., None]
         y = torch.einsum("hmn,bhn->bhm", self.C, state) + self.D * u_t[..., None]

@@ -20,7 +20,8 @@ from torch import nn
 
 from accel.nn.depthwise_conv2d import use_depthwise_kernels
 from accel.ops import batch_norm_mix, darts_pool_branches, mixed_op
-from accel.reference.darts import PRIMITIVES, DilConv, FactorizedReduce, SepConv, search_ops
+from accel.ops._checks import check_count
+from accel.reference.darts import OPS, PRIMITIVES, DilConv, FactorizedReduce, SepConv, search_ops
 
 _BATCH_NORM_MIX_DTYPES = (torch.float32, torch.float64)
 
@@ -52,10 +53,17 @@ class MixedOp(nn.Module):
 
     def __init__(self, C: int, stride: int, primitives=PRIMITIVES, partial_channels: int = 1):
         super().__init__()
+        check_count("MixedOp", "C", C)
+        if stride not in (1, 2):
+            raise ValueError(f"MixedOp: `stride` must be 1 or 2, got {stride!r}")
         if not (isinstance(partial_channels, int) and partial_channels >= 1 and C % partial_channels == 0):
             raise ValueError(f"MixedOp: `partial_channels` must be a positive int dividing C={C}, got "
                              f"{partial_channels!r}")
         primitives = list(primitives)
+        unknown = [name for name in primitives if name not in OPS]
+        if unknown:
+            raise ValueError(f"MixedOp: `primitives` holds an unknown DARTS primitive: {unknown}; known: {sorted(OPS)}")
+        self._channels = C
         self._k = partial_channels
         if partial_channels > 1:
             self.mp = nn.MaxPool2d(2, 2)  # PC-DARTS' pooling of the bypassed channels at stride 2
@@ -72,6 +80,13 @@ class MixedOp(nn.Module):
         self._pools = pools if stride == 1 and None not in pools else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index=None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"MixedOp: `x` must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self._channels:
+            raise ValueError(f"MixedOp: `x` must have shape (N, {self._channels}, H, W), got {tuple(x.shape)}")
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"MixedOp: `weights` must be a Tensor, got {type(weights).__name__}")
         if weights.shape != (self._num_weights,):
             raise ValueError(f"MixedOp: `weights` must have shape ({self._num_weights},), one per primitive, "
                              f"got {tuple(weights.shape)}")

@@ -4,6 +4,13 @@ import torch
 from torch import Tensor, nn
 
 from accel.ode import odeint
+from accel.ode.odeint import check_options
+from accel.ops._checks import is_real
+
+# accel.odeint's keyword options that NeuralODE passes through, and those of them check_options knows
+OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_steps", "check_every", "params",
+           "dense_output")
+CHECKED_OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_steps", "check_every")
 
 
 class NeuralODE(nn.Module):
@@ -28,8 +35,19 @@ class NeuralODE(nn.Module):
         super().__init__()
         if not isinstance(func, nn.Module):
             raise TypeError(f"NeuralODE: `func` must be an nn.Module, got {type(func).__name__}")
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"NeuralODE: `{unknown[0]}` is not an option of accel.odeint; known: {OPTIONS}")
+        check_options("NeuralODE", method, rtol, atol, regularization=regularization,
+                      **{name: value for name, value in options.items() if name in CHECKED_OPTIONS})
+        if not (is_real(reg_weight) and reg_weight >= 0):
+            raise ValueError(f"NeuralODE: `reg_weight` must be a finite number >= 0, got {reg_weight!r}")
+        t_span = torch.as_tensor(t_span, dtype=torch.get_default_dtype())
+        if t_span.dim() != 1 or t_span.numel() < 2 or not bool(torch.isfinite(t_span).all()
+                                                              & (t_span[1:] > t_span[:-1]).all()):
+            raise ValueError(f"NeuralODE: `t_span` must be two or more finite, increasing times, got {t_span.tolist()}")
         self.func = func
-        self.register_buffer("t_span", torch.as_tensor(t_span, dtype=torch.get_default_dtype()))
+        self.register_buffer("t_span", t_span)
         self.method, self.rtol, self.atol = method, rtol, atol
         self.regularization, self.reg_weight = regularization, float(reg_weight)
         self.return_trajectory, self.options = return_trajectory, options
@@ -37,6 +55,9 @@ class NeuralODE(nn.Module):
         self.nfe = 0
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"NeuralODE: `x` must be a float32 or float64 tensor of shape (B, D) or (D,), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
         regularize = self.training and self.regularization is not None
         results = odeint(self.func, x, self.t_span.to(x.dtype), self.method, self.rtol, self.atol,
                          regularization=self.regularization if regularize else None, return_stats=True,

@@ -56,8 +56,11 @@ class PackedLinear(nn.Module):
         return self.eval()
 
     def _check_features(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected {self.in_features} input features, got shape "
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__}: `x` must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: `x` must have {self.in_features} input features, got shape "
                              f"{tuple(x.shape)}")
 
     def train(self, mode: bool = True):

@@ -14,6 +14,7 @@ from torch import nn
 
 from accel.ops import dequantize, quant_matmul, quantize
 from accel.nn.packed_linear import PackedLinear
+from accel.ops._checks import check_count, is_real
 from accel.ops.quantize import CODES_PER_BLOCK, QuantizedWeight, check_options
 
 
@@ -78,11 +79,21 @@ def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
     method over ``probes`` Rademacher vectors), lowering first the layers where the least sensitivity is added per
     bit saved, until the average bits per weight is at most ``budget``.
     """
-    linears = {name: m for name, m in model.named_modules()
-               if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_: `model` must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"quantize_: `filter_fn` must be callable as filter_fn(module, name), got {filter_fn!r}")
     if bits == "auto":
         if budget is None or calibration is None:
             raise ValueError("quantize_: bits='auto' needs a `budget` (average bits per weight) and a `calibration` loss")
+        if not (is_real(budget) and budget > 0):
+            raise ValueError(f"quantize_: `budget` must be a finite number of bits per weight > 0, got {budget!r}")
+        check_count("quantize_", "probes", probes)
+    elif not (isinstance(bits, int) and bits in (8, 4, 2)):
+        raise ValueError(f"quantize_: `bits` must be 8, 4, 2 or 'auto', got {bits!r}")
+    linears = {name: m for name, m in model.named_modules()
+               if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))}
+    if bits == "auto":
         chosen = assign_bits(model, linears, calibration, budget, group_size, probes)
     elif bits in (8, 4, 2):
         chosen = dict.fromkeys(linears, bits)

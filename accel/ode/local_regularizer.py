@@ -9,6 +9,7 @@ solve); biased: a time the solver stepped from. Either way the caller passes the
 import torch
 from torch import Tensor
 
+from accel.ops._checks import check_tolerances, not_a_tensor
 from accel.ops.rk_finalize import rk_finalize
 from accel.ops.rk_stage import rk_stage
 from accel.reference.ode import METHODS, initial_step
@@ -25,16 +26,23 @@ def local_regularizer(func, t: Tensor, y: Tensor, h: Tensor | None = None, metho
         h: (B,) step sizes; None: Hairer's starting step for (t, y) (treated as a constant).
         method: an adaptive method of accel.odeint (dopri5, tsit5, bosh3; 'stiffness' needs dopri5 or tsit5).
     """
-    if method not in METHODS or METHODS[method].error_order == 0:
-        raise ValueError(f"local_regularizer: `method` must be an adaptive method, got {method!r}")
+    op = "local_regularizer"
+    if not callable(func):
+        raise TypeError(f"{op}: `func` must be callable as func(t, y), got {type(func).__name__}")
+    if not isinstance(method, str) or method not in METHODS or METHODS[method].error_order == 0:
+        raise ValueError(f"{op}: `method` must be an adaptive method, got {method!r}")
     tableau = METHODS[method]
     if kind not in ("error", "stiffness"):
-        raise ValueError(f"local_regularizer: `kind` must be 'error' or 'stiffness', got {kind!r}")
+        raise ValueError(f"{op}: `kind` must be 'error' or 'stiffness', got {kind!r}")
     if kind == "stiffness" and tableau.stability_bound is None:
-        raise ValueError(f"local_regularizer: method {method!r} has no stability bound for 'stiffness'")
-    if y.dim() != 2 or t.shape != y.shape[:1]:
-        raise ValueError(f"local_regularizer: `y` must be (B, D) and `t` (B,), got {tuple(y.shape)} and "
-                         f"{tuple(t.shape)}")
+        raise ValueError(f"{op}: `kind` 'stiffness' needs a stability bound, which method {method!r} has not")
+    not_a_tensor(op, t=t, y=y)
+    if y.dim() != 2 or y.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: `y` must be a float32 or float64 (B, D) tensor, got {y.dtype} {tuple(y.shape)}")
+    if t.shape != y.shape[:1] or t.device != y.device:
+        raise ValueError(f"{op}: `t` must have shape (B,) = ({y.shape[0]},) on `y`'s device {y.device}, got "
+                         f"{tuple(t.shape)} on {t.device}")
+    check_tolerances(op, rtol, atol)
     k0 = func(t, y)
     if h is None:
         with torch.no_grad():

@@ -20,13 +20,13 @@ accept/reject decisions are constants of the backward: it differentiates the dis
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from accel.ops.rk_control import interpolate_at, rk_accept, rk_begin
+from accel.ops._checks import check_count, check_tolerances, is_real
+from accel.ops.rk_control import interpolate_at, rk_accept_unchecked, rk_begin_unchecked
 from accel.ops.rk_finalize import rk_finalize
 from accel.ops.rk_stage import rk_stage
 from accel.reference.ode import METHODS, Tableau, initial_step
@@ -85,7 +85,12 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
                              "grad and `func` is not an nn.Module")
         else:
             params = ()
-    params = tuple(params)
+    try:
+        params = tuple(params)
+    except TypeError:
+        raise TypeError(f"odeint: `params` must be an iterable of tensors, got {type(params).__name__}") from None
+    if not all(isinstance(p, Tensor) for p in params):
+        raise TypeError(f"odeint: `params` must hold tensors, got {[type(p).__name__ for p in params]}")
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 4
     solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
@@ -107,41 +112,51 @@ def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step
     if not isinstance(y0, Tensor) or y0.dim() not in (1, 2) or y0.dtype not in (torch.float32, torch.float64):
         raise ValueError("odeint: `y0` must be a float32 or float64 tensor of shape (B, D) or (D,), got "
                          f"{getattr(y0, 'dtype', type(y0).__name__)} {tuple(getattr(y0, 'shape', ()))}")
+    if y0.device.type == "meta":  # the solver's loop reads values back (has every sample finished?)
+        raise ValueError("odeint: `y0` must hold values, got a tensor on the meta device")
+    if y0.shape[-1] == 0:  # the error norm would be a mean over no components
+        raise ValueError(f"odeint: `y0` must have at least one state component, got shape {tuple(y0.shape)}")
     if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1 or not t.dtype.is_floating_point:
         raise ValueError(f"odeint: `t` must be a 1-D floating-point tensor of output times, got "
                          f"{getattr(t, 'shape', type(t).__name__)}")
-    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
-        raise ValueError("odeint: `t` must be strictly increasing")
-    if method not in METHODS:
-        raise ValueError(f"odeint: `method` must be one of {tuple(METHODS)}, got {method!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"odeint: `{name}` must be a finite number >= 0, got {value!r}")
-    if rtol == 0 and atol == 0:
-        raise ValueError("odeint: `rtol` and `atol` cannot both be 0")
+    if t.device.type == "meta":
+        raise ValueError(f"odeint: `t` is on {t.device} but `y0` is on {y0.device}")
+    # one read of t: an infinite last time would take steps until max_steps
+    if not bool(torch.isfinite(t).all() & (t[1:] > t[:-1]).all()):
+        raise ValueError("odeint: `t` must be finite and strictly increasing")
+    return check_options("odeint", method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
+                         check_every, regularization)
+
+
+def check_options(op, method, rtol=1e-6, atol=1e-8, controller="I", safety=0.9, first_step=None, step_size=None,
+                  min_step=0.0, max_steps=100_000, check_every=None, regularization=None) -> Tableau:
+    """Checks odeint's options (``op`` names the caller in the errors); returns the method's tableau."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{op}: `method` must be one of {tuple(METHODS)}, got {method!r}")
+    check_tolerances(op, rtol, atol)
     if controller not in CONTROLLERS:
-        raise ValueError(f"odeint: `controller` must be one of {CONTROLLERS}, got {controller!r}")
-    if not 0 < safety <= 1:
-        raise ValueError(f"odeint: `safety` must be in (0, 1], got {safety!r}")
+        raise ValueError(f"{op}: `controller` must be one of {CONTROLLERS}, got {controller!r}")
+    if not (is_real(safety) and 0 < safety <= 1):
+        raise ValueError(f"{op}: `safety` must be in (0, 1], got {safety!r}")
     for name, value in (("first_step", first_step), ("step_size", step_size)):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"odeint: `{name}` must be a finite number > 0 or None, got {value!r}")
+        if value is not None and not (is_real(value) and value > 0):
+            raise ValueError(f"{op}: `{name}` must be a finite number > 0 or None, got {value!r}")
     tableau = METHODS[method]
     if tableau.error_order == 0 and step_size is None:
-        raise ValueError(f"odeint: method {method!r} takes fixed steps: give `step_size`")
+        raise ValueError(f"{op}: method {method!r} takes fixed steps: give `step_size`")
     if regularization not in REGULARIZATIONS:
-        raise ValueError(f"odeint: `regularization` must be one of {REGULARIZATIONS}, got {regularization!r}")
+        raise ValueError(f"{op}: `regularization` must be one of {REGULARIZATIONS}, got {regularization!r}")
     if regularization is not None and tableau.error_order == 0:
-        raise ValueError(f"odeint: method {method!r} has no error estimate to regularize")
+        raise ValueError(f"{op}: `regularization` needs an error estimate, and method {method!r} has no error "
+                         f"estimate to regularize")
     if regularization == "stiffness" and tableau.stability_bound is None:
-        raise ValueError(f"odeint: method {method!r} has no stability bound for the stiffness regularizer")
-    if not (isinstance(min_step, (int, float)) and min_step >= 0):
-        raise ValueError(f"odeint: `min_step` must be a number >= 0, got {min_step!r}")
-    for name, value in (("max_steps", max_steps), ("check_every", check_every)):
-        if value is None and name == "check_every":
-            continue
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"odeint: `{name}` must be an int >= 1, got {value!r}")
+        raise ValueError(f"{op}: `regularization` 'stiffness' needs a stability bound, and method {method!r} has no "
+                         f"stability bound (dopri5 and tsit5 have one)")
+    if not (is_real(min_step) and min_step >= 0):
+        raise ValueError(f"{op}: `min_step` must be a finite number >= 0, got {min_step!r}")
+    check_count(op, "max_steps", max_steps)
+    if check_every is not None:
+        check_count(op, "check_every", check_every)
     return tableau
 
 
@@ -215,7 +230,11 @@ class _Solver:
         next_index = torch.ones(B, dtype=torch.long, device=y0.device)  # the next output row per sample
         y = y0.clone()
         k = y0.new_empty(s, B, D)
-        k[0] = func(t_now, y)
+        f0 = func(t_now, y)
+        if not isinstance(f0, Tensor) or f0.shape != y.shape:
+            raise ValueError(f"odeint: `func` must return dy/dt of y's shape {tuple(y.shape)}, got "
+                             f"{tuple(f0.shape) if isinstance(f0, Tensor) else type(f0).__name__}")
+        k[0] = f0
         nfe = 1
         if not self.adaptive:
             h = torch.full((B,), self.step_size, dtype=y0.dtype, device=y0.device)
@@ -237,8 +256,8 @@ class _Solver:
                 if len(statuses) >= self.max_steps:
                     raise RuntimeError(f"odeint: more than max_steps={self.max_steps} step attempts; "
                                        f"{int(unfinished)} samples have not reached t={float(times[-1])}")
-                self._check_step(h, t_now, next_index < T)
-            step, stage_times = rk_begin(t_now, h, next_index, times, c, self.interpolant is None)
+                self._check_step(h, t_now, next_index < T, y, y0)
+            step, stage_times = rk_begin_unchecked(t_now, h, next_index, times, c, self.interpolant is None)
             y1, g_prev = self.stages(stage_times, y, step, k)
             nfe += s - 1
             if self.adaptive:
@@ -247,8 +266,9 @@ class _Solver:
                 stiffnesses.append(rho)
             if keep_trace:
                 y_before, t_before, first_row = y.clone(), t_now.clone(), next_index.clone()
-            status, unfinished = rk_accept(y, k, t_now, h, next_index, previous, out, y1, norm, step, times,
-                                           self.safety, q, self.controller == "PI", self.fsal, self.interpolant)
+            status, unfinished = rk_accept_unchecked(y, k, t_now, h, next_index, previous, out, y1, norm, step,
+                                                     times, self.safety, q, self.controller == "PI", self.fsal,
+                                                     self.interpolant)
             if not self.fsal:
                 k[0] = func(t_now, y)
                 nfe += 1
@@ -273,14 +293,20 @@ class _Solver:
         largest, self.regularizer_step = ratio.max(0)
         return largest
 
-    def _check_step(self, h, t_now, active):
-        """Raises when an unfinished sample's step size is at or below min_step, or too small to move its time."""
-        bad = active & ((h <= self.min_step) | (t_now + h == t_now))
+    def _check_step(self, h, t_now, active, y, y0):
+        """Raises when an unfinished sample's step size is at or below min_step, too small to move its time, or NaN
+        (from a state or a derivative that is not finite, whose steps are all rejected)."""
+        bad = active & (~(h > self.min_step) | (t_now + h == t_now))
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
+            where = f"sample {b} at t = {float(t_now[b]):.9g}"
+            if not bool(torch.isfinite(y0[b]).all()):
+                raise RuntimeError(f"odeint: `y0` is not finite (NaN or Inf) for sample {b}: no step can be accepted")
+            if not bool(torch.isfinite(y[b]).all() & torch.isfinite(h[b])):
+                raise RuntimeError(f"odeint: the state became NaN or Inf for {where}: check `func`")
             raise RuntimeError(f"odeint: the step size underflowed (h = {float(h[b]):.3g}, min_step = "
-                               f"{self.min_step:.3g}) for sample {b} at t = {float(t_now[b]):.9g}: the problem may "
-                               "be stiff or singular there")
+                               f"{self.min_step:.3g}) for {where}: the problem may be stiff or singular there, or "
+                               "`func` returned NaN or Inf")
 
 
 def _stats(nfe, batch, statuses, errors, stiffnesses) -> dict:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from accel.ops._checks import check_tensor_list
+from accel.ops._checks import check_batch_norm, check_tensor_list
 from accel.ops._library import lib, register_backends, triton_kernel
 
 # Functional, so that autograd and torch.compile see no mutation: the running statistics go in as one
@@ -70,14 +70,12 @@ def _check(zs: list, weights, norms: list) -> None:
         raise ValueError(f"batch_norm_mix: `norms` must hold one BatchNorm per tensor, {len(zs)}, got {len(norms)}")
     C = z0.shape[1]
     for k, bn in enumerate(norms):
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.affine or not bn.track_running_stats
-                or bn.num_features != C or bn.momentum is None):
-            raise ValueError(f"batch_norm_mix: `norms[{k}]` must be a BatchNorm({C}, affine=False) with running "
-                             f"statistics and a momentum")
+        check_batch_norm("batch_norm_mix", f"norms[{k}]", bn, C, z0.device)
         if (bn.training, bn.momentum, bn.eps) != (norms[0].training, norms[0].momentum, norms[0].eps):
             raise ValueError("batch_norm_mix: `norms` must share training mode, momentum and eps")
-    if norms[0].training and z0.numel() // C <= 1:
-        raise ValueError(f"batch_norm_mix: training needs more than one value per channel, got shape {tuple(z0.shape)}")
+    if norms[0].training and z0.numel() <= C:
+        raise ValueError(f"batch_norm_mix: `zs` must have more than one value per channel in training, got shape "
+                         f"{tuple(z0.shape)}")
 
 
 @torch.library.register_fake("accel::batch_norm_mix")

@@ -59,12 +59,13 @@ def binary_matmul(a_bits: Tensor, b_bits: Tensor, k: int, *, scale: Tensor | flo
     if output not in OUTPUTS:
         raise ValueError(f"{op}: `output` must be one of {OUTPUTS}, got {output!r}")
     if output == "int" and (scale is not None or bias is not None):
-        raise ValueError(f"{op}: `output='int'` gives the exact dot products; `scale` and `bias` need 'float' or 'bits'")
+        raise ValueError(f"{op}: `output` must be 'float' or 'bits' with `scale` or `bias`: `output='int'` gives the "
+                         f"exact dot products")
     scale = _vector(op, "scale", scale, N, a_bits.device, allow_number=True)
     bias = _vector(op, "bias", bias, N, a_bits.device, allow_number=False)
     if output != "int" and scale is None and bias is None:
         scale = torch.ones(1, device=a_bits.device)
-    out = torch.ops.accel.binary_matmul(a_bits.reshape(-1, W), b_bits, k, scale, bias)
+    out = torch.ops.accel.binary_matmul(a_bits.reshape(a_bits.shape[:-1].numel(), W), b_bits, k, scale, bias)
     out = out.reshape(*a_bits.shape[:-1], N)
     return pack_bits(out) if output == "bits" else out
 
@@ -75,9 +76,19 @@ def binary_linear(x: Tensor, w_bits: Tensor, k: int | None = None, *, scale: Ten
     the fly (pack_bits), then binary_matmul. w_bits: (N, ceil(K / 32)) packed weight rows."""
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
         raise TypeError("binary_linear: `x` must be a floating-point tensor (..., K)")
+    if x.dim() == 0:
+        raise ValueError("binary_linear: `x` must have shape (..., K), got a 0-dim tensor")
     k = x.shape[-1] if k is None else k
     if x.shape[-1] != k:
         raise ValueError(f"binary_linear: `x` must have {k} features in its last dimension, got {tuple(x.shape)}")
+    # binary_matmul would name its own arguments; here the weight is `w_bits`
+    if not isinstance(w_bits, Tensor) or w_bits.dtype != torch.int32:
+        raise TypeError("binary_linear: `w_bits` must be an int32 tensor of packed bits (pack_bits)")
+    if w_bits.dim() != 2 or w_bits.shape[1] != reference.words(k):
+        raise ValueError(f"binary_linear: `w_bits` must have shape (N, {reference.words(k)}) for K = {k}, got "
+                         f"{tuple(w_bits.shape)}")
+    if w_bits.device != x.device:
+        raise ValueError(f"binary_linear: `w_bits` is on {w_bits.device} but `x` is on {x.device}")
     return binary_matmul(pack_bits(x), w_bits, k, scale=scale, bias=bias, output="float")
 
 

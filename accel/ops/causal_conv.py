@@ -43,12 +43,14 @@ def causal_conv(u: Tensor, K: Tensor, D: Tensor | None = None, activation: str |
             raise TypeError(f"causal_conv: `{name}` must be float32 or float64 like `u` and on its device, got "
                             f"{t.dtype} on {t.device}")
     B, L, H = u.shape
-    if K.shape[0] != H or K.shape[2] > L:
-        raise ValueError(f"causal_conv: `K` must have shape (H, M, Lk) = ({H}, M, <= {L}), got {tuple(K.shape)}")
+    if K.shape[0] != H or K.shape[2] > L or (K.shape[2] == 0 and L > 0):
+        raise ValueError(f"causal_conv: `K` must have shape (H, M, Lk) = ({H}, M, 1 <= Lk <= {L}), got "
+                         f"{tuple(K.shape)}")
     if D is not None and D.shape != K.shape[:2]:
         raise ValueError(f"causal_conv: `D` must have shape (H, M) = {tuple(K.shape[:2])}, got {tuple(D.shape)}")
-    if K_reverse is not None and (K_reverse.shape[:2] != K.shape[:2] or K_reverse.shape[2] > L):
-        raise ValueError(f"causal_conv: `K_reverse` must have shape ({H}, {K.shape[1]}, <= {L}), got "
+    if K_reverse is not None and (K_reverse.shape[:2] != K.shape[:2] or K_reverse.shape[2] > L
+                                  or (K_reverse.shape[2] == 0 and L > 0)):
+        raise ValueError(f"causal_conv: `K_reverse` must have shape ({H}, {K.shape[1]}, 1 <= Lk' <= {L}), got "
                          f"{tuple(K_reverse.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"causal_conv: `activation` must be one of {ACTIVATIONS}, got {activation!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from accel.ops._checks import check_batch_norm
 from accel.ops._library import lib, register_backends, triton_kernel
 
 # Functional, so that autograd and torch.compile see no mutation: the running statistics go in as one (4, C)
@@ -42,12 +43,15 @@ def darts_pool_branches(x: Tensor, weights: Tensor, max_bn: torch.nn.BatchNorm2d
     if not isinstance(weights, Tensor) or weights.shape != (2,) or not weights.is_floating_point():
         raise ValueError(f"darts_pool_branches: `weights` must be a floating tensor of shape (2,), got "
                          f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}")
+    if weights.device != x.device:
+        raise ValueError(f"darts_pool_branches: `weights` is on {weights.device} but `x` is on {x.device}")
     for name, bn in (("max_bn", max_bn), ("avg_bn", avg_bn)):
-        if bn.affine or not bn.track_running_stats or bn.num_features != x.shape[1] or bn.momentum is None:
-            raise ValueError(f"darts_pool_branches: `{name}` must be BatchNorm2d({x.shape[1]}, affine=False) with "
-                             f"running statistics and a momentum")
+        check_batch_norm("darts_pool_branches", name, bn, x.shape[1], x.device, "BatchNorm2d")
     if max_bn.training != avg_bn.training or max_bn.momentum != avg_bn.momentum or max_bn.eps != avg_bn.eps:
         raise ValueError("darts_pool_branches: `max_bn` and `avg_bn` must share training mode, momentum and eps")
+    if max_bn.training and x.numel() <= x.shape[1]:
+        raise ValueError(f"darts_pool_branches: `x` must have more than one value per channel in training, got shape "
+                         f"{tuple(x.shape)}")
     running = torch.stack([max_bn.running_mean, max_bn.running_var, avg_bn.running_mean, avg_bn.running_var])
     out, _, new_running = torch.ops.accel.darts_pool_branches(
         x, weights, running, max_bn.training, float(max_bn.momentum), float(max_bn.eps))

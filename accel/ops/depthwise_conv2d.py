@@ -18,11 +18,17 @@ lib.define(
     "int[2] dilation, bool[2] output_mask) -> (Tensor, Tensor)")
 
 
-def _pair(value, name: str) -> list[int]:
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"depthwise_conv2d: `{name}` must be an int or a pair of ints, got {value!r}")
+def _pair(value, name: str, low: int, op: str) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+                                                  for v in pair):
+        raise ValueError(f"{op}: `{name}` must be an int >= {low} or a pair of them, got {value!r}")
     return pair
+
+
+def check_geometry(stride, padding, dilation, op: str = "depthwise_conv2d") -> tuple[list[int], list[int], list[int]]:
+    """stride, padding and dilation as pairs, stride and dilation >= 1 and padding >= 0."""
+    return _pair(stride, "stride", 1, op), _pair(padding, "padding", 0, op), _pair(dilation, "dilation", 1, op)
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1) -> Tensor:
@@ -37,17 +43,22 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1)
         raise ValueError(f"depthwise_conv2d: `x` must be a 4-D tensor (N, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
-        raise ValueError(f"depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = {x.shape[1]}, got "
+        raise ValueError(f"depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = {x.shape[1]}, the "
+                         f"channels of `x`, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         raise TypeError(f"depthwise_conv2d: `x` and `weight` must both be float32 or both float64, got "
                         f"{x.dtype} and {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"depthwise_conv2d: `weight` is on {weight.device} but `x` is on {x.device}")
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"depthwise_conv2d: `stride` and `dilation` must be >= 1 and `padding` >= 0, got "
-                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    if x.shape[1] == 0:
+        raise ValueError(f"depthwise_conv2d: `x` must have at least one channel, got shape {tuple(x.shape)}")
+    stride, padding, dilation = check_geometry(stride, padding, dilation)
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"depthwise_conv2d: `weight` must have a non-empty kernel, got shape {tuple(weight.shape)}")
+    if min(output_size(x.shape, weight.shape, stride, padding, dilation)[2:]) < 1:
+        raise ValueError(f"depthwise_conv2d: the output would be empty: `weight`'s kernel {tuple(weight.shape[2:])} "
+                         f"with dilation {dilation} does not fit in `x`'s {tuple(x.shape[2:])} plus padding {padding}")
     return torch.ops.accel.depthwise_conv2d(x, weight, stride, padding, dilation)
 
 

@@ -26,8 +26,16 @@ def hopfield_energy(xi: Tensor, X: Tensor, beta: float | Tensor) -> Tensor:
         if t.dim() < 2 or not t.dtype.is_floating_point:
             raise ValueError(f"hopfield_energy: `{name}` must be a floating-point (..., rows, d) tensor, got "
                              f"{t.dtype} of shape {tuple(t.shape)}")
+    if X.dtype != xi.dtype or X.device != xi.device:
+        raise TypeError(f"hopfield_energy: `X` must have `xi`'s dtype and device ({xi.dtype} on {xi.device}), got "
+                        f"{X.dtype} on {X.device}")
     if xi.shape[-1] != X.shape[-1] or X.shape[-2] == 0:
         raise ValueError(f"hopfield_energy: `X` must have shape (..., N >= 1, {xi.shape[-1]}), got {tuple(X.shape)}")
+    try:
+        torch.broadcast_shapes(xi.shape[:-2], X.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"hopfield_energy: the leading dimensions of `X` {tuple(X.shape[:-2])} and `xi` "
+                         f"{tuple(xi.shape[:-2])} do not broadcast") from None
     if not isinstance(beta, Tensor) and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"hopfield_energy: `beta` must be a finite number > 0 or a tensor, got {beta!r}")
     lse = torch.logsumexp(beta * xi @ X.transpose(-1, -2), dim=-1)

@@ -72,6 +72,8 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
         raise ValueError(f"{op}: `k` must have shape ({B} or 1, {H}, S, {d}), got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: `v` must have shape ({k.shape[0]}, {H}, {S}, dv) like `k`, got {tuple(v.shape)}")
+    if S == 0:
+        raise ValueError(f"{op}: `k` must hold at least one stored pattern, got shape {tuple(k.shape)}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"{op}: `steps` must be an int >= 0, got {steps!r}")
     if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
@@ -79,6 +81,8 @@ def hopfield_update(q: Tensor, k: Tensor, v: Tensor, beta: float | Tensor, steps
     if isinstance(beta, Tensor):
         if beta.numel() != 1:
             raise ValueError(f"{op}: `beta` must be a number or a one-element tensor, got shape {tuple(beta.shape)}")
+        if beta.device != q.device and beta.device.type != "cpu":  # a CPU scalar is read as a number anywhere
+            raise ValueError(f"{op}: `beta` is on {beta.device} but `q` is on {q.device}")
         beta = beta.reshape(())
     elif isinstance(beta, (int, float)) and math.isfinite(beta):
         beta = torch.tensor(float(beta), dtype=q.dtype, device=q.device)
@@ -117,6 +121,7 @@ def _additive_mask(op, mask, key_padding_mask, shape, q):
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool or \
                 key_padding_mask.shape != (B, S):
             raise ValueError(f"{op}: `key_padding_mask` must be a bool tensor of shape ({B}, {S})")
+        _check_copyable(op, "key_padding_mask", key_padding_mask, q)
         total = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(
             key_padding_mask[:, None, None, :].to(q.device), -math.inf)
     if mask is not None:
@@ -127,6 +132,7 @@ def _additive_mask(op, mask, key_padding_mask, shape, q):
         except RuntimeError:
             raise ValueError(f"{op}: `mask` of shape {tuple(mask.shape)} does not broadcast to (B, H, L, S) = "
                              f"{shape}") from None
+        _check_copyable(op, "mask", mask, q)
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask.to(q.device), -math.inf)
         elif mask.dtype.is_floating_point:
@@ -136,6 +142,12 @@ def _additive_mask(op, mask, key_padding_mask, shape, q):
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         total = mask if total is None else total + mask
     return total
+
+
+def _check_copyable(op, name, mask, q):
+    """Masks on another device are copied to q's; a meta tensor has no values to copy."""
+    if mask.device != q.device and mask.device.type == "meta":
+        raise ValueError(f"{op}: `{name}` is on {mask.device} but `q` is on {q.device}")
 
 
 def _row_blocks(B, H, L, S):

@@ -25,11 +25,10 @@ def pack_bits(x: Tensor, dim: int = -1) -> Tensor:
         raise TypeError(f"pack_bits: `x` must be float32, float64, bfloat16 or float16, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("pack_bits: `x` must have at least one dimension")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"pack_bits: `dim` = {dim} is out of range for a {x.dim()}-D tensor")
+    _check_dim("pack_bits", dim, x)
     moved = x.movedim(dim, -1)
     K = moved.shape[-1]
-    packed = torch.ops.accel.pack_bits(moved.reshape(-1, K))
+    packed = torch.ops.accel.pack_bits(moved.reshape(moved.shape[:-1].numel(), K))  # -1 is ambiguous when K = 0
     return packed.reshape(*moved.shape[:-1], reference.words(K)).movedim(-1, dim)
 
 
@@ -37,9 +36,19 @@ def unpack_bits(packed: Tensor, k: int, dim: int = -1, dtype: torch.dtype = torc
     """The inverse of pack_bits: (..., words, ...) int32 -> (..., k, ...) values in {-1, +1} of ``dtype``."""
     if not isinstance(packed, Tensor) or packed.dtype != torch.int32:
         raise TypeError("unpack_bits: `packed` must be an int32 tensor from pack_bits")
-    if not isinstance(k, int) or not 0 <= k <= packed.shape[dim] * reference.WORD_BITS:
+    if packed.dim() == 0:
+        raise ValueError("unpack_bits: `packed` must have at least one dimension")
+    _check_dim("unpack_bits", dim, packed)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= packed.shape[dim] * reference.WORD_BITS:
         raise ValueError(f"unpack_bits: `k` must be an int in [0, {packed.shape[dim] * reference.WORD_BITS}], got {k!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"unpack_bits: `dtype` must be a torch.dtype, got {dtype!r}")
     return reference.unpack_bits(packed, k, dim, dtype)
+
+
+def _check_dim(op: str, dim, x: Tensor) -> None:
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: `dim` must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {dim!r}")
 
 
 def _reference_kernel(x):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from accel.ops._library import lib, register_backends, triton_kernel
-from accel.ops.quantize import QuantizedWeight, dequantize, unpack_codes
+from accel.ops.quantize import QuantizedWeight, check_quantized_weight, dequantize, unpack_codes
 from accel.reference import quant as reference
 
 lib.define("int8_linear(Tensor x, Tensor w_codes, Tensor w_step, Tensor? bias) -> Tensor")
@@ -25,17 +25,20 @@ lib.define("int4_linear(Tensor x, Tensor w_packed, Tensor step, Tensor offset, i
 
 def quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """x (..., K) float -> (..., N) float32 (in x's dtype when x is not float32)."""
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError("quant_matmul: `qweight` must be a QuantizedWeight from accel.ops.quantize")
+    check_quantized_weight("quant_matmul", "qweight", qweight)
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
         raise TypeError("quant_matmul: `x` must be a floating-point tensor")
-    if x.shape[-1] != qweight.in_features:
+    if x.dim() == 0 or x.shape[-1] != qweight.in_features:
         raise ValueError(f"quant_matmul: `x` must have {qweight.in_features} features, got shape {tuple(x.shape)}")
     if x.device != qweight.codes.device:
         raise ValueError(f"quant_matmul: `x` is on {x.device} but the weight is on {qweight.codes.device}")
     N = qweight.codes.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,)):
         raise ValueError(f"quant_matmul: `bias` must have shape ({N},)")
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise TypeError(f"quant_matmul: `bias` must be floating point, got {bias.dtype}")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"quant_matmul: `bias` is on {bias.device} but `x` is on {x.device}")
     rows = x.reshape(-1, x.shape[-1]).float()
     Kp = qweight.padded_features
     one_group = qweight.step.shape[1] == 1

@@ -48,7 +48,7 @@ class QuantizedWeight:
 
 
 def check_options(op: str, bits, group_size, scheme):
-    if bits not in BITS:
+    if not isinstance(bits, int) or bits not in BITS:
         raise ValueError(f"{op}: `bits` must be one of {BITS}, got {bits!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"{op}: `scheme` must be one of {SCHEMES}, got {scheme!r}")
@@ -56,6 +56,25 @@ def check_options(op: str, bits, group_size, scheme):
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % block):
         raise ValueError(f"{op}: `group_size` must be a positive multiple of {block} for {bits} bits (or None: one "
                          f"group per row), got {group_size!r}")
+
+
+def check_quantized_weight(op: str, name: str, qw) -> None:
+    """That ``qw`` is a QuantizedWeight whose fields agree: codes of the dtype and width its bits pack to, and step
+    and offset, one per group, on the codes' device."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"{op}: `{name}` must be a QuantizedWeight from accel.ops.quantize, got {type(qw).__name__}")
+    check_options(f"{op}: `{name}`", qw.bits, qw.group_size, qw.scheme)
+    codes, step, offset = qw.codes, qw.step, qw.offset
+    dtype = torch.int8 if qw.bits == 8 and qw.scheme == "symmetric" else torch.uint8
+    if not all(isinstance(t, Tensor) for t in (codes, step, offset)) or codes.dtype != dtype or codes.dim() != 2 \
+            or step.dim() != 2 or step.shape != offset.shape or step.shape[0] != codes.shape[0] \
+            or not step.dtype.is_floating_point or offset.dtype != step.dtype \
+            or codes.shape[1] * 8 != step.shape[1] * qw.group_size * qw.bits or qw.in_features > qw.padded_features:
+        raise ValueError(f"{op}: `{name}` is not a consistent QuantizedWeight: codes (N, Kp * bits / 8) {dtype}, step "
+                         f"and offset (N, Kp / group_size) floating, in_features <= Kp")
+    if step.device != codes.device or offset.device != codes.device:
+        raise ValueError(f"{op}: `{name}`'s codes, step and offset must be on one device, got {codes.device}, "
+                         f"{step.device} and {offset.device}")
 
 
 def _padded(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
@@ -69,8 +88,9 @@ def _padded(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
 def quantize(w: Tensor, bits: int = 8, group_size: int | None = None, scheme: str = "symmetric") -> QuantizedWeight:
     """Quantizes the rows of w (N, K) over groups of ``group_size`` values along K (None: one group per row):
     ``scheme`` "symmetric" (absmax) or "minmax" (Polino et al.'s buckets). Returns a QuantizedWeight."""
-    if not isinstance(w, Tensor) or w.dim() != 2 or not w.dtype.is_floating_point:
-        raise ValueError("quantize: `w` must be a 2-D floating-point tensor (out_features, in_features)")
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.dtype.is_floating_point or w.shape[1] == 0:
+        raise ValueError("quantize: `w` must be a 2-D floating-point tensor (out_features, in_features >= 1), got "
+                         f"{(w.dtype, tuple(w.shape)) if isinstance(w, Tensor) else type(w).__name__}")
     check_options("quantize", bits, group_size, scheme)
     K = w.shape[1]
     padded, G = _padded(w.detach(), bits, group_size)
@@ -105,15 +125,22 @@ def unpack_codes(qw: QuantizedWeight) -> Tensor:
 
 def dequantize(qw: QuantizedWeight) -> Tensor:
     """x_hat (N, K) float32."""
+    check_quantized_weight("dequantize", "qw", qw)
     return reference.dequantize(unpack_codes(qw), qw.step, qw.offset).float()[:, :qw.in_features]
 
 
 def fake_quantize(x: Tensor, bits: int = 8, group_size: int | None = None, scheme: str = "symmetric") -> Tensor:
     """dequantize(quantize(x)) over the rows of x (..., K), differentiable with the straight-through estimator
     (the gradient passes unchanged). K must be a multiple of group_size."""
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"fake_quantize: `x` must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"fake_quantize: `x` must have shape (..., K >= 1), got {tuple(x.shape)}")
     check_options("fake_quantize", bits, group_size, scheme)
     if group_size is not None and x.shape[-1] % group_size:
-        raise ValueError(f"fake_quantize: the last dimension ({x.shape[-1]}) must be a multiple of `group_size`")
+        raise ValueError(f"fake_quantize: `x`'s last dimension ({x.shape[-1]}) must be a multiple of `group_size` "
+                         f"({group_size})")
     return torch.ops.accel.fake_quantize(x, bits, group_size or 0, scheme)
 
 

@@ -4,7 +4,7 @@ of a set of learnable quantization points (accel.reference.quant.quantize_to_poi
 Gradients: a point's gradient is the sum of the gradients of the values mapped to it (what trains the points);
 the values get the straight-through gradient (it passes unchanged), so the weights can be trained through the
 quantizer too. The kernel is ATen's: the points are sorted, each value finds its point by a binary search among
-the midpoints (O(n log P) instead of the reference's O(n P) distance table), and the backward is one index_add.
+the sorted points (O(n log P) instead of the reference's O(n P) distance table), and the backward is one index_add.
 It runs the same on every device, so there is no C++ or Triton kernel of its own.
 """
 import torch
@@ -39,13 +39,21 @@ def quantize_to_points(x: Tensor, points: Tensor) -> Tensor:
 def _assignment(x, points):
     """The sorted points, the sort's order, and the index into the sorted points of each value's nearest one."""
     ordered, order = points.sort()
-    midpoints = (ordered[1:] + ordered[:-1]) / 2
-    return ordered, order, torch.searchsorted(midpoints, x.contiguous(), side="left")
+    # Not a search among the midpoints (a + b) / 2: rounded, one can fall on either side of the true midpoint, and
+    # values next to it went to the farther point. Instead the two points around each value, by their distances
+    # as they round (the reference's), the lower at a tie; of equal points the first, as the reference's argmin.
+    largest = torch.searchsorted(ordered, ordered[-1:]).reshape(())  # the first of the points equal to the largest
+    above = torch.searchsorted(ordered, x.contiguous(), side="left").clamp_max(largest)
+    below = torch.searchsorted(ordered, ordered[(above - 1).clamp_min(0)], side="left")
+    nearer_below = (x - ordered[below]).abs() <= (x - ordered[above]).abs()
+    # +inf (both distances inf, a tie to the reference's argmin): the largest point; finite values keep the rule
+    nearer_below &= torch.isfinite(x - ordered[above])
+    return ordered, order, torch.where(nearer_below, below, above)
 
 
 def _forward(x, points):
     ordered, _, nearest = _assignment(x, points)
-    return ordered[nearest]
+    return torch.where(x.isnan(), x, ordered[nearest])  # a NaN has no nearest point (the search gives it the last)
 
 
 def _backward(grad, x, points):

@@ -21,6 +21,7 @@ The rules, per sample (Hairer, Norsett and Wanner, Solving ODEs I, II.4; accel/r
 import torch
 from torch import Tensor
 
+from accel.ops._checks import CHECK_ERRORS, check_coefficients, check_count, not_a_tensor
 from accel.ops._library import lib, register_backends
 
 lib.define("rk_begin(Tensor t, Tensor h, Tensor next_index, Tensor times, float[] c, bool clip) -> (Tensor, Tensor)")
@@ -29,11 +30,29 @@ lib.define("rk_accept(Tensor(a!) y, Tensor(b!) k, Tensor(c!) t, Tensor(d!) h, Te
            "int order, bool pi, bool fsal, float[]? interpolant) -> (Tensor, Tensor)")
 
 
+_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
+
+
 def rk_begin(t: Tensor, h: Tensor, next_index: Tensor, times: Tensor, c, clip: bool = True) -> tuple[Tensor, Tensor]:
     """(step (B,), stage_times (s, B)): each sample's step from its time t (B,), step size h (B,) and next output
     row next_index (B,) int64 into times (T,) (shortened to end on that output time when ``clip``), and its stage
     times t + c_i step for the tableau's nodes c."""
-    return torch.ops.accel.rk_begin(t, h, next_index, times, list(c), bool(clip))
+    # One combined test of attributes, as in rk_stage; _explain names what failed.
+    try:
+        dtype, device = t.dtype, t.device
+        ok = (t.dim() == 1 and h.shape == t.shape and next_index.shape == t.shape and times.dim() == 1
+              and (dtype is _F32 or dtype is _F64) and h.dtype is dtype and times.dtype is dtype
+              and next_index.dtype is _I64 and h.device == device and next_index.device == device
+              and times.device == device and isinstance(c, (list, tuple)))
+    except CHECK_ERRORS:
+        ok = False
+    if not ok:
+        _explain("rk_begin", t, dict(t=t, h=h, next_index=next_index, times=times), dict(c=c))
+    try:
+        return torch.ops.accel.rk_begin(t, h, next_index, times, list(c), bool(clip))
+    except (TypeError, RuntimeError):  # the schema's float[] refuses an element of c with a RuntimeError
+        check_coefficients("rk_begin", "c", c)
+        raise
 
 
 def rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety: float, order: int, pi: bool,
@@ -44,9 +63,79 @@ def rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safe
     fixed steps, always accepted), step what rk_begin returned, q = order the error estimator's order + 1;
     interpolant the tableau's dense-output rows (None: steps end on output times).
     Returns (status (B,) int8: 1 accepted, 0 rejected, -1 had finished; the number of unfinished samples)."""
+    try:
+        (B, D), (s, Bk, Dk), (T,) = y.shape, k.shape, times.shape
+        dtype, device = y.dtype, y.device
+        ok = ((dtype is _F32 or dtype is _F64) and s >= 1 and Bk == B and Dk == D and y1.shape == y.shape
+              and out.dim() == 3 and out.shape[0] >= T and out.shape[1:] == y.shape and next_index.shape == (B,)
+              and next_index.dtype is _I64 and next_index.device == device and next_index.is_contiguous()
+              and all(x.shape == (B,) for x in (t, h, previous, step))
+              and (norm is None or norm.shape == (B,))
+              and all(x.dtype is dtype and x.device == device and x.is_contiguous()
+                      for x in (k, t, h, previous, out, y1, step, times, y if norm is None else norm))
+              and isinstance(safety, (int, float)) and 0 < safety <= 1 and isinstance(order, int) and order >= 1)
+    except CHECK_ERRORS:
+        ok = False
+    if not ok:
+        vectors = dict(t=t, h=h, previous=previous, step=step) | ({} if norm is None else dict(norm=norm))
+        _explain("rk_accept", y, dict(y=y, k=k, y1=y1, out=out, times=times, next_index=next_index, **vectors),
+                 dict(safety=safety, order=order))
+    flat = None
+    if interpolant is not None:
+        rows = list(interpolant) if isinstance(interpolant, (list, tuple)) else None
+        if not rows or len(rows) != k.shape[0] or not all(isinstance(row, (list, tuple)) and len(row) == len(rows[0])
+                                                          and len(row) >= 1 for row in rows):
+            raise ValueError(f"rk_accept: `interpolant` must be {k.shape[0]} rows (one per stage of `k`) of equal "
+                             f"length, or None, got {interpolant!r}")
+        flat = [float(x) for row in rows for x in row]
+    return torch.ops.accel.rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, float(safety),
+                                     int(order), bool(pi), bool(fsal), flat)
+
+
+def rk_begin_unchecked(t, h, next_index, times, c, clip: bool = True) -> tuple[Tensor, Tensor]:
+    """rk_begin without its checks, for accel.odeint: its arguments are the solver's own, valid by construction, and
+    at the solver's sizes checking a dozen tensors' attributes every iteration costs as much as the kernel."""
+    return torch.ops.accel.rk_begin(t, h, next_index, times, list(c), bool(clip))
+
+
+def rk_accept_unchecked(y, k, t, h, next_index, previous, out, y1, norm, step, times, safety, order, pi, fsal,
+                        interpolant=None) -> tuple[Tensor, Tensor]:
+    """rk_accept without its checks, for accel.odeint (see rk_begin_unchecked)."""
     flat = None if interpolant is None else [float(x) for row in interpolant for x in row]
     return torch.ops.accel.rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, float(safety),
                                      int(order), bool(pi), bool(fsal), flat)
+
+
+def _explain(op: str, like: Tensor, tensors: dict, options: dict) -> None:
+    """Raises the error that names what rk_begin's or rk_accept's combined check found wrong."""
+    not_a_tensor(op, **tensors)
+    like_name = next(iter(tensors))
+    B = like.shape[0] if like.dim() >= 1 else "B"
+    D = like.shape[1] if like.dim() == 2 else "D"
+    T = tensors["times"].shape[0] if tensors["times"].dim() == 1 else "T"
+    shapes = {"y": (B, D), "y1": (B, D), "k": ("s >= 1", B, D), "out": (f">= {T}", B, D), "times": ("T",)}
+    for name, x in tensors.items():
+        expected = shapes.get(name, (B,))
+        fits = x.dim() == len(expected) and all(e == n for e, n in zip(expected, x.shape) if isinstance(e, int))
+        if not fits or (name == "k" and x.shape[0] < 1) or (name == "out" and isinstance(T, int) and x.shape[0] < T):
+            text = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+            raise ValueError(f"{op}: `{name}` must have shape {text}, got {tuple(x.shape)}")
+    for name, x in tensors.items():
+        if name == "next_index" and x.dtype != _I64:
+            raise TypeError(f"{op}: `next_index` must be int64, got {x.dtype}")
+        if name != "next_index" and (x.dtype != like.dtype or x.dtype not in (_F32, _F64)):
+            raise TypeError(f"{op}: `{name}` must be float32 or float64 like `{like_name}`, got {x.dtype}")
+        if x.device != like.device:
+            raise ValueError(f"{op}: `{name}` is on {x.device} but `{like_name}` is on {like.device}")
+        if op == "rk_accept" and not x.is_contiguous():  # the CPU kernel updates them in place
+            raise ValueError(f"{op}: `{name}` must be contiguous")
+    if "c" in options:
+        check_coefficients(op, "c", options["c"])
+    if "safety" in options and not (isinstance(options["safety"], (int, float)) and 0 < options["safety"] <= 1):
+        raise ValueError(f"{op}: `safety` must be a number in (0, 1], got {options['safety']!r}")
+    if "order" in options:
+        check_count(op, "order", options["order"])
+    raise ValueError(f"{op}: invalid arguments")  # not reached
 
 
 @torch.library.register_fake("accel::rk_begin")

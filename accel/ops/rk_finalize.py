@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from accel.ops._checks import CHECK_ERRORS, not_a_tensor
+from accel.ops._checks import CHECK_ERRORS, check_coefficients, check_tolerances, not_a_tensor
 from accel.ops._library import eager_autograd, lib, register_backends, triton_kernel
 from accel.reference import ode as reference
 
@@ -63,7 +63,11 @@ def rk_finalize(y0: Tensor, y1: Tensor, k: Tensor, g_prev: Tensor, h: Tensor, b_
         _explain(y0, y1, k, g_prev, h, b_err, rtol, atol)
     rtol, atol = float(rtol), float(atol)
     needs_grad = y0.requires_grad or y1.requires_grad or k.requires_grad or g_prev.requires_grad or h.requires_grad
-    return _call(needs_grad, y0, y1, k, g_prev, h, b_err, rtol, atol)
+    try:
+        return _call(needs_grad, y0, y1, k, g_prev, h, b_err, rtol, atol)
+    except (TypeError, RuntimeError):  # the schema's float[] refuses an element of b_err with a RuntimeError
+        check_coefficients("rk_finalize", "b_err", b_err)
+        raise
 
 
 def _explain(y0, y1, k, g_prev, h, b_err, rtol, atol):
@@ -91,8 +95,8 @@ def _explain(y0, y1, k, g_prev, h, b_err, rtol, atol):
     if not isinstance(b_err, (list, tuple)) or len(b_err) != k.shape[0]:
         raise ValueError(f"rk_finalize: `b_err` must be a list of {k.shape[0]} floats (one per stage of `k`), got "
                          f"{b_err!r}")
-    raise ValueError(f"rk_finalize: `rtol` and `atol` must be finite Python floats >= 0, not both 0, got "
-                     f"rtol={rtol!r}, atol={atol!r}")
+    check_tolerances("rk_finalize", rtol, atol)
+    raise ValueError("rk_finalize: invalid arguments")  # not reached
 
 
 @torch.library.register_fake("accel::rk_finalize")

@@ -8,7 +8,7 @@ small sizes, so the checks below are attribute comparisons only: no host syncs, 
 import torch
 from torch import Tensor
 
-from accel.ops._checks import CHECK_ERRORS, not_a_tensor
+from accel.ops._checks import CHECK_ERRORS, check_coefficients, not_a_tensor
 from accel.ops._library import eager_autograd, lib, register_backends, triton_kernel
 from accel.reference import ode as reference
 
@@ -42,7 +42,11 @@ def rk_stage(y0: Tensor, k: Tensor, h: Tensor, a) -> Tensor:
         ok = False
     if not ok:
         _explain(y0, k, h, a)
-    return _call(y0.requires_grad or k.requires_grad or h.requires_grad, y0, k, h, a)
+    try:
+        return _call(y0.requires_grad or k.requires_grad or h.requires_grad, y0, k, h, a)
+    except (TypeError, RuntimeError):  # the schema's float[] refuses an element of a with a RuntimeError
+        check_coefficients("rk_stage", "a", a)
+        raise
 
 
 def _explain(y0, k, h, a):

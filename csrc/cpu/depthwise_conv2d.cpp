@@ -90,7 +90,9 @@ ACCEL_CPU_CLONES void backward_plane_s1(const Geometry& g, const T* grad, const 
   }
   if (gw) {
     const int64_t ow_p = round_up(g.OW, kTile);
-    const int64_t cols_p = ow_p + (g.KW - 1) * g.dw;
+    // Wide enough for x too: at stride > 1, OW is the spread gradient's, (OW - 1) s + 1, up to s - 1 columns short
+    // of a stride-1 output, and the reads' width alone (W = 18, 1x1, stride 3: 16) had pad_plane write past it.
+    const int64_t cols_p = std::max(ow_p + (g.KW - 1) * g.dw, g.pw + g.W);
     thread_local std::vector<A> xp, grow;
     pad_plane(x, g.H, g.W, g.ph, g.pw, g.H + 2 * g.ph, cols_p, xp);
     grow.assign(ow_p, A(0));  // one row of g, zero past OW so the padded tile adds nothing

@@ -11,7 +11,8 @@
 // weight_only_linear (4 bits): y = sum_groups step_g sum_k x_k q_k + offset_g sum_k x_k, the codes dequantized in
 //   registers: 32 codes in 16 bytes (byte j holds code j in its low nibble and code j + 16 in its high one), so
 //   masks and one shift give the codes in order, widened to floats and multiplied into per-group float sums.
-//   The sums of x per group are computed once per call.
+//   The sums of x per group are computed once per call. The codes are centred, q - 8 against offset_g + 8 step_g:
+//   with q in 0..15 the two terms cancel, and y had twice the error of the reference's x . w_hat.
 // Both run over blocks of output channels, in parallel; a block of weights is read once for all rows of x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,10 @@ namespace {
 constexpr int64_t kChannelBlock = 32;  // output channels per task
 constexpr int64_t kCodeBlock = 32;     // codes per step (one AVX2 vector of bytes)
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of the weights being read to prefetch
+// Codes summed in the int32 lanes before they are added into int64 totals: each lane gains at most
+// 2 * 2 * 127 * 127 per 32 codes, so a lane holds 2^15 codes' worth and their horizontal sum stays below 2^31.
+// (A dot product over K codes reaches 127 * 127 * K, past int32 from K = 133,145.)
+constexpr int64_t kLaneCodes = 32768;
 
 // ---- int8 x int8 ----
 
@@ -46,7 +51,7 @@ struct Int8Operands {
 };
 
 template <int MR, int NR>
-inline void int8_epilogue(const Int8Operands& g, int64_t m0, int64_t n0, const int32_t (&acc)[MR][NR]) {
+inline void int8_epilogue(const Int8Operands& g, int64_t m0, int64_t n0, const int64_t (&acc)[MR][NR]) {
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       const int64_t n = n0 + j;
@@ -58,13 +63,13 @@ inline void int8_epilogue(const Int8Operands& g, int64_t m0, int64_t n0, const i
 
 template <int MR, int NR>
 void int8_tile_portable(const Int8Operands& g, int64_t m0, int64_t n0) {
-  int32_t acc[MR][NR] = {};
+  int64_t acc[MR][NR] = {};
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       const int8_t* a = g.qx + (m0 + i) * g.Kp;
       const int8_t* w = g.qw + (n0 + j) * g.Kp;
-      int32_t s = 0;
-      for (int64_t k = 0; k < g.Kp; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+      int64_t s = 0;
+      for (int64_t k = 0; k < g.Kp; ++k) s += static_cast<int64_t>(a[k]) * static_cast<int64_t>(w[k]);
       acc[i][j] = s;
     }
   int8_epilogue<MR, NR>(g, m0, n0, acc);
@@ -81,29 +86,32 @@ ACCEL_AVX2 inline int32_t horizontal_sum_epi32(__m256i v) {
 template <int MR, int NR>
 ACCEL_AVX2 void int8_tile_avx2(const Int8Operands& g, int64_t m0, int64_t n0) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sum[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) sum[i][j] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < g.Kp; k += kCodeBlock) {
-    __m256i a[MR], mag[MR];
-    for (int i = 0; i < MR; ++i) {
-      a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qx + (m0 + i) * g.Kp + k));
-      mag[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.magx + (m0 + i) * g.Kp + k));
-    }
-    for (int j = 0; j < NR; ++j) {
-      const int8_t* w_at = g.qw + (n0 + j) * g.Kp + k;
-      // the same codes of the next tile's channels: they are read next, from memory, at M = 1
-      _mm_prefetch(reinterpret_cast<const char*>(w_at + NR * g.Kp), _MM_HINT_T0);
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_at));
+  int64_t acc[MR][NR] = {};
+  for (int64_t k0 = 0; k0 < g.Kp; k0 += kLaneCodes) {
+    const int64_t k1 = std::min(g.Kp, k0 + kLaneCodes);
+    __m256i sum[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) sum[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += kCodeBlock) {
+      __m256i a[MR], mag[MR];
       for (int i = 0; i < MR; ++i) {
-        const __m256i pairs = _mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(w, a[i]));
-        sum[i][j] = _mm256_add_epi32(sum[i][j], _mm256_madd_epi16(pairs, ones));
+        a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qx + (m0 + i) * g.Kp + k));
+        mag[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.magx + (m0 + i) * g.Kp + k));
+      }
+      for (int j = 0; j < NR; ++j) {
+        const int8_t* w_at = g.qw + (n0 + j) * g.Kp + k;
+        // the same codes of the next tile's channels: they are read next, from memory, at M = 1
+        _mm_prefetch(reinterpret_cast<const char*>(w_at + NR * g.Kp), _MM_HINT_T0);
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_at));
+        for (int i = 0; i < MR; ++i) {
+          const __m256i pairs = _mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(w, a[i]));
+          sum[i][j] = _mm256_add_epi32(sum[i][j], _mm256_madd_epi16(pairs, ones));
+        }
       }
     }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += horizontal_sum_epi32(sum[i][j]);
   }
-  int32_t acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = horizontal_sum_epi32(sum[i][j]);
   int8_epilogue<MR, NR>(g, m0, n0, acc);
 }
 #endif
@@ -136,7 +144,10 @@ void quantize_rows(const at::Tensor& x, int64_t Kp, std::vector<int8_t>& q, std:
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = xd + m * K;
       float top = 0.0f;
-      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+      for (int64_t k = 0; k < K; ++k) {  // a NaN stays (std::max would drop it): its row's output is NaN
+        const float a = std::fabs(row[k]);
+        top = (a > top || a != a) ? a : top;
+      }
       const float s = top / 127.0f;
       step[m] = s;
       if (!(s > 0.0f)) continue;  // an all-zero row: codes 0
@@ -204,7 +215,7 @@ void int4_rows_portable(const Int4Operands& g, int64_t m0, int64_t n) {
     float y = 0.0f;
     for (int64_t q = 0; q < groups; ++q) {
       float dot = 0.0f;
-      for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k));
+      for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k) - 8);
       y += g.step[n * groups + q] * dot + g.offset[n * groups + q] * g.xsum[(m0 + i) * groups + q];
     }
     g.out[(m0 + i) * g.N + n] = g.bias ? y + g.bias[n] : y;
@@ -224,6 +235,7 @@ ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
 template <int MR>
 ACCEL_AVX2 void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n) {
   const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i eight = _mm256_set1_epi32(8);  // the codes' centre
   // Byte indices that spread codes into 32-bit lanes (0x80: a zero byte): within each 128-bit half, codes 0-3 /
   // 4-7 (first) and 8-11 / 12-15 (second) of the half's copy of the 16 bytes.
   const __m256i first = _mm256_setr_epi8(0, -128, -128, -128, 1, -128, -128, -128, 2, -128, -128, -128, 3, -128, -128, -128,
@@ -243,10 +255,10 @@ ACCEL_AVX2 void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n) {
       // the 16 bytes in both halves; in-lane byte shuffles then widen them (vpmovzxbd crosses lanes: slower)
       const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
       const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, first));
-      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, second));
-      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, first));
-      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, second));
+      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(lo, first), eight));
+      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(lo, second), eight));
+      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(hi, first), eight));
+      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(hi, second), eight));
       for (int i = 0; i < MR; ++i) {
         const float* x = g.x + (m0 + i) * g.Kp + k;
         dot[i][0] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x), dot[i][0]);
@@ -294,7 +306,8 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
   TORCH_CHECK(step_in.sizes() == at::IntArrayRef({N, groups}) && offset_in.sizes() == at::IntArrayRef({N, groups}),
               "int4_linear: step and offset must be (N, Kp / group_size)");
   const auto x = x_in.contiguous(), w = w_in.contiguous();
-  const auto step = step_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  const auto step = step_in.to(at::kFloat).contiguous();
+  const auto offset = at::add(offset_in.to(at::kFloat), step, 8.0).contiguous();  // for the centred codes q - 8
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();

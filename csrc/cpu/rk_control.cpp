@@ -20,6 +20,13 @@
 namespace accel {
 namespace {
 
+// Output rows index times and out: a negative one would read and write outside them.
+void check_rows(const at::Tensor& next_index) {
+  const int64_t* nx = next_index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < next_index.size(0); ++b)
+    TORCH_CHECK(nx[b] >= 0, "rk_control: `next_index` must be >= 0, got ", nx[b], " for sample ", b);
+}
+
 void check_vector(const at::Tensor& x, int64_t B, const at::Tensor& like, const char* name) {
   TORCH_CHECK(x.dim() == 1 && x.size(0) == B && x.is_contiguous(), "rk_control: `", name,
               "` must be a contiguous (B,) tensor with B = ", B);
@@ -37,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tens
                   next_index.is_contiguous(), "rk_control: `next_index` must be a contiguous (B,) int64 tensor");
   TORCH_CHECK(times.dim() == 1 && times.scalar_type() == t.scalar_type() && times.is_contiguous(),
               "rk_control: `times` must be a contiguous 1-D tensor of t's dtype");
+  check_rows(next_index);
   auto step = at::empty({B}, t.options());
   auto stage_times = at::empty({s, B}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rk_begin", [&] {
@@ -78,6 +86,8 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
   TORCH_CHECK(times.dim() == 1 && times.scalar_type() == y.scalar_type() && times.is_contiguous(),
               "rk_control: `times` must be a contiguous 1-D tensor of y's dtype");
   TORCH_CHECK(order >= 1, "rk_control: `order` must be >= 1");
+  TORCH_CHECK(s >= 1, "rk_control: `k` must hold at least one stage");
+  check_rows(next_index);
   const bool dense = interpolant.has_value();
   const int64_t m = dense ? static_cast<int64_t>(interpolant->size()) / s : 0;  // polynomial degree
   TORCH_CHECK(!dense || (m >= 1 && m * s == static_cast<int64_t>(interpolant->size())),

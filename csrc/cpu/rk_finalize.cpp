@@ -425,16 +425,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           t.h += r0, t.rows = r1 - r0, t.w = c1 - c0, t.offset = r0 * D + c0;
           return t;
         };
-        // pass 1: the sums
+        // pass 1: the sums, from the error sums e that pass 2 reads. Summed in registers here, e could round
+        // otherwise (contracted into FMAs or not) than in the buffer, and where e cancels, q = gn r / (D norm sc)
+        // with norm from one and r from the other was off by that rounding (D = 1: 40 ulps, not +-1 / sc).
         for (int64_t p = 0; p < tiling.pieces; ++p) {
           Tile<T> t = tile(p);
-          with_error_terms<T>(t, m, buf, [&](auto M) { row_sums<T, decltype(M)::value>(t, sums); });
+          fill_errors<T>(t, m, buf);
+          row_sums<T, -1>(t, sums);
         }
         for (int64_t r = r0; r < r1; ++r) f[r - r0] = row_factors<T>(sums[r - r0], D, gnp[r], grp[r]);
         // pass 2: the gradients (at D <= kSpan, the tile is still in L1 or L2)
         for (int64_t p = 0; p < tiling.pieces; ++p) {
           Tile<T> t = tile(p);
-          fill_errors<T>(t, m, buf);
+          if (tiling.pieces > 1) fill_errors<T>(t, m, buf);
+          else t.buf = buf;  // one piece: pass 1's error sums are still there
           row_gradients<T>(t, f, gy0p, gy1p, ggpp, q, dk, dh);
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t x = r * D + c0, w = c1 - c0, o = (r - r0) * w;
