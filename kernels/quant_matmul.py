@@ -21,12 +21,12 @@ def _int8_kernel(qx_ptr, sx_ptr, qw_ptr, sw_ptr, bias_ptr, out_ptr, M, N, KP: tl
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m, in_n = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int64)  # 127 * 127 * KP passes int32 from KP = 133,145
     for k0 in range(0, KP, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(qx_ptr + offs_m[:, None].to(tl.int64) * KP + offs_k[None, :], mask=in_m[:, None], other=0)
         b = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * KP + offs_k[None, :], mask=in_n[:, None], other=0)
-        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32).to(tl.int64)
     y = acc.to(tl.float32) * tl.load(sx_ptr + offs_m, mask=in_m, other=0.0)[:, None] \
         * tl.load(sw_ptr + offs_n, mask=in_n, other=0.0)[None, :]
     if HAS_BIAS:

@@ -23,6 +23,16 @@ def test_int8_matches_the_cpu_op(M, N, K):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_int8_dot_products_past_2_to_the_31():
+    """Codes of 127 over K = 140,032: the dot product 127 * 127 * K passes int32 (it wrapped to a negative total)."""
+    K = 140_032
+    x, w = torch.ones(1, K), torch.ones(2, K)
+    w[1, ::2] = -1.0
+    qw = quantize(w, 8)
+    got = kernels.int8_linear(x, qw.codes, qw.step[:, 0], None)
+    torch.testing.assert_close(got, torch.tensor([[float(K), 0.0]]), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("M, N, Kp, G", [(1, 3, 64, 32), (18, 33, 256, 128)])
 def test_int4_matches_the_cpu_op(M, N, Kp, G):
     x, w, bias = torch.randn(M, Kp), torch.randn(N, Kp), torch.randn(N)

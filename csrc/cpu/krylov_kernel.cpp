@@ -215,11 +215,12 @@ struct Feature {
     std::copy(dA, dA + N * N, power(0));
     for (int64_t k = 0; k < p.s; ++k) times(power(k), N, power(k), nullptr, power(k + 1), N);
     std::copy(C, C + MN, W.data());
-    for (int64_t i = 1; i < p.c; ++i) times(&W[(i - 1) * MN], p.M, dA, nullptr, &W[i * MN], N);
+    // data() + offset, not &W[offset]: with N = 0 (no states) the vectors are empty, and indexing one is undefined
+    for (int64_t i = 1; i < p.c; ++i) times(W.data() + (i - 1) * MN, p.M, dA, nullptr, W.data() + i * MN, N);
     double* Pt = work.data();  // v_j^T = v_{j-1}^T P^T
     transpose(power(p.s), N, N, N, Pt);
     std::copy(dB, dB + N, V.data());
-    for (int64_t j = 1; j < p.J; ++j) times(&V[(j - 1) * N], 1, Pt, nullptr, &V[j * N], N);
+    for (int64_t j = 1; j < p.J; ++j) times(V.data() + (j - 1) * N, 1, Pt, nullptr, V.data() + j * N, N);
   }
 };
 
@@ -240,7 +241,7 @@ void forward_typed(const Plan& p, const double* dA, const double* dB, const doub
     double* Wt = f.work.data();
     for (int64_t m = 0; m < M; ++m) {
       // K[m, j c + i] = v_j . W_i[m]: V (J x N) times W[:, m]^T (N x c), a (J, c) block laid out as j c + i
-      transpose(&f.W[m * N], c, N, M * N, Wt);
+      transpose(f.W.data() + m * N, c, N, M * N, Wt);
       product({f.V.data(), N, 1, Wt, c, nullptr, f.T.data(), c, J, N, c});
       std::copy(f.T.begin(), f.T.begin() + L, K + (h * M + m) * L);
     }
