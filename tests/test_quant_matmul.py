@@ -48,7 +48,9 @@ def test_int8_product_matches_integer_arithmetic(M, N, K):
     np.testing.assert_allclose(got.numpy(), numpy_int8_linear(x, w, bias), rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("M, N, K, group_size", [(1, 3, 32, 32), (5, 17, 300, 64), (4, 9, 1024, 128), (6, 2, 40, 32)])
+# group sizes 96 and 288 end each group on a 32-code chunk, 288 also spans two 256-code blocks of the AVX2 path
+@pytest.mark.parametrize("M, N, K, group_size", [(1, 3, 32, 32), (5, 17, 300, 64), (4, 9, 1024, 128), (6, 2, 40, 32),
+                                                 (3, 5, 576, 96), (2, 3, 600, 288)])
 def test_weight_only_int4_by_the_numerics_rule(M, N, K, group_size):
     x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     qw = quantize(w, 4, group_size, "minmax")
@@ -57,6 +59,24 @@ def test_weight_only_int4_by_the_numerics_rule(M, N, K, group_size):
     ref32 = x @ w_hat.T + bias
     ref64 = x.double() @ w_hat.double().T + bias.double()
     assert_by_rule(got, ref32, ref64, "int4 weight-only")
+
+
+def test_weight_only_int4_keeps_float_accuracy_over_a_wide_range():
+    """The AVX2 path multiplies the activations as three int8 digits of the row's largest value: small entries
+    beside a large one (1e-6 of it) and rows that are zero, NaN or infinite must still come out as in float."""
+    K, N = 256, 6
+    x = torch.randn(4, K) * 1e-3
+    x[0, 7] = 1e3
+    x[1] = 0.0
+    x[2, 5] = float("nan")
+    x[3, 9] = float("inf")
+    w, bias = torch.randn(N, K), torch.randn(N)
+    qw = quantize(w, 4, 64, "minmax")
+    got = quant_matmul(x, qw, bias)
+    w_hat = dequantize(qw)
+    assert_by_rule(got[:2], x[:2] @ w_hat.T + bias, x[:2].double() @ w_hat.double().T + bias.double(), "int4 range")
+    assert got[2].isnan().all()
+    assert not got[3].isfinite().any()
 
 
 def test_other_combinations_dequantize():

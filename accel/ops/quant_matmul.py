@@ -3,8 +3,9 @@
 - 8 bits, symmetric, one group per row (per output channel): the activations are quantized per row inside the op
   (dynamic quantization), and the int8 x int8 products accumulate in int32, scaled back in the epilogue
   (torch.ops.accel.int8_linear).
-- 4 bits, minmax groups (weight-only): float32 activations against the codes dequantized in registers
-  (torch.ops.accel.int4_linear).
+- 4 bits, minmax groups (weight-only): float32 activations against the 4-bit codes (torch.ops.accel.int4_linear);
+  the CPU kernel multiplies the codes as bytes against each activation split into three int8 digits, exact to
+  6e-8 of the row's largest value, so the result keeps float32 accuracy (the activations are not quantized).
 - Other combinations (2 bits, symmetric 4-bit groups, grouped int8): dequantized to float32 and multiplied by
   torch, correct but with no speed-up.
 Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); Triton on CUDA (kernels/quant_matmul.py, tested under the

@@ -8,11 +8,11 @@
 //   vpmaddwd against ones widens to int32. Register tiles of 2 rows x 4 output channels, 32 codes per step; the
 //   next tile's weights are prefetched (at M = 1 they stream from memory: 1.15 ms instead of 1.8 ms from a cold
 //   cache at K = N = 4096, against FBGEMM's 1.5 ms).
-// weight_only_linear (4 bits): y = sum_groups step_g sum_k x_k q_k + offset_g sum_k x_k, the codes dequantized in
-//   registers: 32 codes in 16 bytes (byte j holds code j in its low nibble and code j + 16 in its high one), so
-//   masks and one shift give the codes in order, widened to floats and multiplied into per-group float sums.
-//   The sums of x per group are computed once per call. The codes are centred, q - 8 against offset_g + 8 step_g:
-//   with q in 0..15 the two terms cancel, and y had twice the error of the reference's x . w_hat.
+// weight_only_linear (4 bits): y = sum_groups step_g sum_k x_k q_k + offset_g sum_k x_k. On AVX2 the codes are
+//   multiplied as bytes against the activations split into three int8 digits (float32 accuracy; see the
+//   comment above kDigitBlock), in tiles of 2 output channels; the portable path converts the codes to floats.
+//   The codes are centred, q - 8 against offset_g + 8 step_g: with q in 0..15 the two terms cancel, and y had
+//   twice the error of the reference's x . w_hat. The sums of x per group are computed once per call.
 // Both run over blocks of output channels, in parallel; a block of weights is read once for all rows of x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -195,10 +195,14 @@ struct Int4Operands {
   const float* xsum;     // (M, groups): sum of x per group
   const uint8_t* w;      // (N, Kp / 2)
   const float* step;     // (N, groups)
-  const float* offset;   // (N, groups)
+  const float* offset;   // (N, groups), for the centred codes: offset + 8 step
   const float* bias;
   float* out;
   int64_t Kp, G, N;
+  // the AVX2 path's activations, from split_rows
+  const int8_t* digits;   // (M, 3 Kp)
+  const int32_t* centre;  // (M, blocks, 2, 8)
+  const double* unit;     // (M,)
 };
 
 inline int code_at(const uint8_t* row, int64_t k) {  // code k of a row: block k / 32, nibble by k % 32
@@ -206,21 +210,34 @@ inline int code_at(const uint8_t* row, int64_t k) {  // code k of a row: block k
   return (k % 32) < 16 ? (byte & 0x0f) : (byte >> 4);
 }
 
-template <int MR>
-void int4_rows_portable(const Int4Operands& g, int64_t m0, int64_t n) {
+void int4_row_portable(const Int4Operands& g, int64_t m, int64_t n) {
   const uint8_t* w = g.w + n * (g.Kp / 2);
   const int64_t groups = g.Kp / g.G;
-  for (int i = 0; i < MR; ++i) {
-    const float* x = g.x + (m0 + i) * g.Kp;
-    float y = 0.0f;
-    for (int64_t q = 0; q < groups; ++q) {
-      float dot = 0.0f;
-      for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k) - 8);
-      y += g.step[n * groups + q] * dot + g.offset[n * groups + q] * g.xsum[(m0 + i) * groups + q];
-    }
-    g.out[(m0 + i) * g.N + n] = g.bias ? y + g.bias[n] : y;
+  const float* x = g.x + m * g.Kp;
+  float y = 0.0f;
+  for (int64_t q = 0; q < groups; ++q) {
+    float dot = 0.0f;
+    for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k) - 8);
+    y += g.step[n * groups + q] * dot + g.offset[n * groups + q] * g.xsum[m * groups + q];
   }
+  g.out[m * g.N + n] = g.bias ? y + g.bias[n] : y;
 }
+
+// The AVX2 path multiplies the codes as bytes, with vpmaddubsw (unsigned codes 0..15 by signed bytes), 64 codes
+// per instruction pair, where dequantizing them to floats took 20 instructions per 32 codes. To keep float32
+// accuracy, each activation is split into three signed int8 digits: x = unit (254^2 h + 254 m + l), unit =
+// max|x_row| / (127 254^2), |h|, |m|, |l| <= 127, each digit the rounded remainder of the one before, so the
+// split is off by at most unit / 2 = 6.1e-8 max|x_row| (float32's own rounding is 6e-8 |x|).
+// The codes come in 64-code chunks: a 32-byte load holds two 16-byte blocks, whose low nibbles (codes 0-15 and
+// 32-47 of the chunk) and high nibbles (16-31, 48-63) are the two operands; the digits are stored permuted to
+// match, h then m then l per chunk. A group of 32 (mod 64) codes ends in a 32-code chunk, in natural order.
+// vpmaddubsw pairs reach 2 * 15 * 127 = 3810, so int16 lanes take 4 chunks (256 codes, a "block") before vpmaddwd
+// widens them to int32. Per block the int32 lanes are centred exactly, sum (q - 8) d = sum q d - 8 sum d with
+// sum d per lane precomputed per row (`centre`), which keeps them below 2^24, so their conversion to float is exact.
+constexpr int64_t kDigitBlock = 256;
+constexpr float kDigitBase = 254.0f;
+
+inline int64_t blocks_per_group(int64_t G) { return (G + kDigitBlock - 1) / kDigitBlock; }
 
 #if defined(ACCEL_X86_AVX2)
 ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
@@ -229,71 +246,156 @@ ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// MR rows of x against output channel n. Each group's sums fold into one of two running totals by the group's
-// parity, and the offsets' part is a vector dot product of the channel's offsets and the rows' sums of x, so no
-// chain of dependent FMAs runs through the groups.
-template <int MR>
-ACCEL_AVX2 void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n) {
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  const __m256i eight = _mm256_set1_epi32(8);  // the codes' centre
-  // Byte indices that spread codes into 32-bit lanes (0x80: a zero byte): within each 128-bit half, codes 0-3 /
-  // 4-7 (first) and 8-11 / 12-15 (second) of the half's copy of the 16 bytes.
-  const __m256i first = _mm256_setr_epi8(0, -128, -128, -128, 1, -128, -128, -128, 2, -128, -128, -128, 3, -128, -128, -128,
-                                         4, -128, -128, -128, 5, -128, -128, -128, 6, -128, -128, -128, 7, -128, -128, -128);
-  const __m256i second = _mm256_add_epi8(first, _mm256_setr_epi8(8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0,
-                                                                  8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0));
-  const uint8_t* w = g.w + n * (g.Kp / 2);
-  const int64_t groups = g.Kp / g.G;
-  __m256 y[MR][2];
-  for (int i = 0; i < MR; ++i) y[i][0] = y[i][1] = _mm256_setzero_ps();
-  for (int64_t q = 0; q < groups; ++q) {
-    __m256 dot[MR][4];  // four sums per row: one FMA chain each, so consecutive FMAs do not wait on each other
-    for (int i = 0; i < MR; ++i)
-      for (int c = 0; c < 4; ++c) dot[i][c] = _mm256_setzero_ps();
-    for (int64_t k = q * g.G; k < (q + 1) * g.G; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + kPrefetchBytes, _MM_HINT_T0);
-      // the 16 bytes in both halves; in-lane byte shuffles then widen them (vpmovzxbd crosses lanes: slower)
-      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(lo, first), eight));
-      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(lo, second), eight));
-      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(hi, first), eight));
-      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_shuffle_epi8(hi, second), eight));
-      for (int i = 0; i < MR; ++i) {
-        const float* x = g.x + (m0 + i) * g.Kp + k;
-        dot[i][0] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x), dot[i][0]);
-        dot[i][1] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x + 8), dot[i][1]);
-        dot[i][2] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x + 16), dot[i][2]);
-        dot[i][3] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x + 24), dot[i][3]);
+// The digits of codes [k0, k0 + length) of a row (a chunk), into d (3 length bytes: h, m, l), in the order the
+// kernel reads them (`permuted`: a 64-code chunk, vector bytes 0-31 the low nibbles, 32-63 the high ones), and
+// 8 times their sums into the chunk's block's centring lanes c (16: h, then 254 m + l).
+ACCEL_AVX2 void split_chunk(const float* row, double scale, int64_t k0, int64_t length, bool permuted, int8_t* d,
+                            int32_t* c) {
+  for (int64_t p = 0; p < length; ++p) {
+    const int64_t b = p % 32, k = permuted ? (b < 16 ? b : b + 16) + (p < 32 ? 0 : 16) : p;
+    const double v = row[k0 + k] * scale;
+    const double hi = std::nearbyint(v), r = (v - hi) * kDigitBase;
+    const double mid = std::nearbyint(r), lo = std::nearbyint((r - mid) * kDigitBase);
+    d[p] = static_cast<int8_t>(hi);
+    d[length + p] = static_cast<int8_t>(mid);
+    d[2 * length + p] = static_cast<int8_t>(lo);
+    c[b / 4] += 8 * static_cast<int32_t>(hi);  // b / 4: the int32 lane vpmaddwd sums this byte into
+    c[8 + b / 4] += 8 * (static_cast<int32_t>(kDigitBase) * static_cast<int32_t>(mid) + static_cast<int32_t>(lo));
+  }
+}
+
+// x's rows as digits and centring lanes; rows that are all zero get unit 0, rows with NaN or Inf unit NaN (the
+// caller computes those with the float path).
+void split_rows(const at::Tensor& x, int64_t G, std::vector<int8_t>& digits, std::vector<int32_t>& centre,
+                std::vector<double>& unit) {
+  const int64_t M = x.size(0), Kp = x.size(1), blocks = (Kp / G) * blocks_per_group(G);
+  const float* xd = x.data_ptr<float>();
+  digits.assign(M * 3 * Kp, 0);
+  centre.assign(M * blocks * 16, 0);
+  unit.assign(M, 0.0);
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xd + m * Kp;
+      float top = 0.0f;
+      for (int64_t k = 0; k < Kp; ++k) {
+        const float a = std::fabs(row[k]);
+        top = (a > top || a != a) ? a : top;
+      }
+      if (!std::isfinite(top)) {
+        unit[m] = std::nan("");
+        continue;
+      }
+      if (top == 0.0f) continue;
+      unit[m] = top / (127.0 * kDigitBase * kDigitBase);
+      for (int64_t q0 = 0; q0 < Kp; q0 += G) {  // chunks of 64 codes from each group's start, then one of 32
+        for (int64_t k0 = q0; k0 < q0 + G; k0 += 64) {
+          const int64_t block = (k0 / G) * blocks_per_group(G) + (k0 % G) / kDigitBlock;
+          const int64_t length = std::min<int64_t>(64, q0 + G - k0);
+          split_chunk(row, 127.0 / top, k0, length, length == 64, digits.data() + m * 3 * Kp + 3 * k0,
+                      centre.data() + (m * blocks + block) * 16);
+        }
       }
     }
-    const __m256 step = _mm256_set1_ps(g.step[n * groups + q]);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 sum = _mm256_add_ps(_mm256_add_ps(dot[i][0], dot[i][1]), _mm256_add_ps(dot[i][2], dot[i][3]));
-      y[i][q & 1] = _mm256_fmadd_ps(sum, step, y[i][q & 1]);
+  });
+}
+
+ACCEL_AVX2 inline __m256i load_bytes(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Adds a chunk's products into the int16 sums of MR rows x NR channels: codes[j] are channel j's code vectors
+// (two for a 64-code chunk, one for 32), d[i] row i's digits of the chunk (h, m, l; `length` bytes each).
+template <int MR, int NR, int PARTS>
+ACCEL_AVX2 inline void add_chunk(const __m256i (&codes)[NR][PARTS], const int8_t* const (&d)[MR], int64_t length,
+                                 __m256i (&sums)[MR][NR][3]) {
+  for (int i = 0; i < MR; ++i)
+    for (int digit = 0; digit < 3; ++digit)
+      for (int part = 0; part < PARTS; ++part) {
+        const __m256i v = load_bytes(d[i] + digit * length + part * 32);
+        for (int j = 0; j < NR; ++j)
+          sums[i][j][digit] = _mm256_add_epi16(sums[i][j][digit], _mm256_maddubs_epi16(codes[j][part], v));
+      }
+}
+
+// MR rows of x (as digits) against NR output channels from n0: per block, the int16 sums of every chunk, then
+// their exact centred int32 lanes, scaled by the group's step into float sums; the offsets' part is a vector dot
+// product of each channel's offsets and the rows' sums of x. Two channels per row of x at M = 1 give two
+// independent streams of weights and load each digit once for both.
+template <int MR, int NR>
+ACCEL_AVX2 void int4_tile_avx2(const Int4Operands& g, int64_t m0, int64_t n0) {
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i base = _mm256_set1_epi16(static_cast<int16_t>(kDigitBase));
+  const __m256 base2 = _mm256_set1_ps(kDigitBase * kDigitBase);
+  const int64_t groups = g.Kp / g.G, blocks = groups * blocks_per_group(g.G);
+  const uint8_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = g.w + (n0 + j) * (g.Kp / 2);
+  __m256 y[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i][j] = _mm256_setzero_ps();
+  int64_t block = 0;
+  for (int64_t q = 0; q < groups; ++q) {
+    for (int64_t b0 = q * g.G; b0 < (q + 1) * g.G; b0 += kDigitBlock, ++block) {
+      const int64_t b1 = std::min((q + 1) * g.G, b0 + kDigitBlock);
+      __m256i sums[MR][NR][3];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) sums[i][j][0] = sums[i][j][1] = sums[i][j][2] = _mm256_setzero_si256();
+      int64_t k = b0;
+      const int8_t* d[MR];
+      for (; k + 64 <= b1; k += 64) {
+        __m256i codes[NR][2];
+        for (int j = 0; j < NR; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(w[j] + k / 2) + kPrefetchBytes, _MM_HINT_T0);
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k / 2));
+          codes[j][0] = _mm256_and_si256(bytes, low);
+          codes[j][1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+        }
+        for (int i = 0; i < MR; ++i) d[i] = g.digits + (m0 + i) * 3 * g.Kp + 3 * k;
+        add_chunk<MR, NR, 2>(codes, d, 64, sums);
+      }
+      if (k < b1) {  // a 32-code chunk: low nibbles in the lower half, high nibbles in the upper
+        __m256i codes[NR][1];
+        for (int j = 0; j < NR; ++j) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k / 2));
+          codes[j][0] = _mm256_and_si256(
+              _mm256_inserti128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low);
+        }
+        for (int i = 0; i < MR; ++i) d[i] = g.digits + (m0 + i) * 3 * g.Kp + 3 * k;
+        add_chunk<MR, NR, 1>(codes, d, 32, sums);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int32_t* c = g.centre + ((m0 + i) * blocks + block) * 16;
+        const __m256i centre_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+        const __m256i centre_rest = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8));
+        for (int j = 0; j < NR; ++j) {
+          const __m256i high = _mm256_sub_epi32(_mm256_madd_epi16(sums[i][j][0], ones), centre_h);
+          const __m256i rest = _mm256_sub_epi32(
+              _mm256_add_epi32(_mm256_madd_epi16(sums[i][j][1], base), _mm256_madd_epi16(sums[i][j][2], ones)),
+              centre_rest);
+          const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), base2, _mm256_cvtepi32_ps(rest));
+          y[i][j] = _mm256_fmadd_ps(sum, _mm256_set1_ps(g.step[(n0 + j) * groups + q]), y[i][j]);
+        }
+      }
     }
   }
-  const float* offset = g.offset + n * groups;
   const int64_t groups8 = groups - groups % 8;
-  for (int i = 0; i < MR; ++i) {
-    const float* xsum = g.xsum + (m0 + i) * groups;
-    __m256 part = _mm256_add_ps(y[i][0], y[i][1]);
-    for (int64_t q = 0; q < groups8; q += 8)
-      part = _mm256_fmadd_ps(_mm256_loadu_ps(offset + q), _mm256_loadu_ps(xsum + q), part);
-    float total = horizontal_sum_ps(part);
-    for (int64_t q = groups8; q < groups; ++q) total += offset[q] * xsum[q];
-    g.out[(m0 + i) * g.N + n] = g.bias ? total + g.bias[n] : total;
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const float* offset = g.offset + (n0 + j) * groups;
+      const float* xsum = g.xsum + (m0 + i) * groups;
+      __m256 part = _mm256_setzero_ps();
+      for (int64_t q = 0; q < groups8; q += 8)
+        part = _mm256_fmadd_ps(_mm256_loadu_ps(offset + q), _mm256_loadu_ps(xsum + q), part);
+      float total = static_cast<float>(horizontal_sum_ps(y[i][j]) * g.unit[m0 + i]) + horizontal_sum_ps(part);
+      for (int64_t q = groups8; q < groups; ++q) total += offset[q] * xsum[q];
+      g.out[(m0 + i) * g.N + n0 + j] = g.bias ? total + g.bias[n0 + j] : total;
+    }
 }
-#endif
 
 template <int MR>
-void int4_rows(const Int4Operands& g, int64_t m0, int64_t n) {
-#if defined(ACCEL_X86_AVX2)
-  if (cpu_has_avx2()) return int4_rows_avx2<MR>(g, m0, n);
-#endif
-  int4_rows_portable<MR>(g, m0, n);
+void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) int4_tile_avx2<MR, 2>(g, m0, n);
+  for (; n < n1; ++n) int4_tile_avx2<MR, 1>(g, m0, n);
 }
+#endif
 
 at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& step_in,
                            const at::Tensor& offset_in, int64_t group_size, const std::optional<at::Tensor>& bias_in) {
@@ -312,18 +414,35 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
   auto out = at::empty({M, N}, x.options());
-  const Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
-                       offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
-                       out.data_ptr<float>(), Kp, group_size, N};
-  at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kChannelBlock, n1 = std::min(N, n0 + kChannelBlock);
+  Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
+                 offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
+                 out.data_ptr<float>(), Kp, group_size, N, nullptr, nullptr, nullptr};
+  auto in_blocks = [&](auto rows) {  // rows(m, n0, n1): rows m.. against channels [n0, n1)
+    at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) rows(b * kChannelBlock, std::min(N, (b + 1) * kChannelBlock));
+    });
+  };
+#if defined(ACCEL_X86_AVX2)
+  if (cpu_has_avx2()) {
+    std::vector<int8_t> digits;
+    std::vector<int32_t> centre;
+    std::vector<double> unit;
+    split_rows(x, group_size, digits, centre, unit);
+    g.digits = digits.data(), g.centre = centre.data(), g.unit = unit.data();
+    in_blocks([&](int64_t n0, int64_t n1) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        for (int64_t n = n0; n < n1; ++n) int4_rows<4>(g, m, n);
-      for (; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) int4_rows<1>(g, m, n);
-    }
+      for (; m + 2 <= M; m += 2) int4_rows_avx2<2>(g, m, n0, n1);
+      for (; m < M; ++m) int4_rows_avx2<1>(g, m, n0, n1);
+    });
+    for (int64_t m = 0; m < M; ++m)  // rows with NaN or Inf: in floats, which carry them into the output
+      if (std::isnan(unit[m]))
+        for (int64_t n = 0; n < N; ++n) int4_row_portable(g, m, n);
+    return out;
+  }
+#endif
+  in_blocks([&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) int4_row_portable(g, m, n);
   });
   return out;
 }
