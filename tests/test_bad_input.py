@@ -717,6 +717,7 @@ for _name, _value in (("safety", 1.5), ("safety", NAN), ("safety", "0.9"), ("fir
     bad(f"odeint-{_name}-{_value}", lambda n=_name, v=_value: solve(**{n: v}), _name)
 bad("odeint-rk4-without-step_size", lambda: solve(method="rk4"), "step_size")
 bad("odeint-regularization-unknown", lambda: solve(regularization="kinetic"), "regularization")
+bad("odeint-error-norm-unknown", lambda: solve(error_norm="max"), "error_norm")
 bad("odeint-regularization-with-rk4", lambda: solve(method="rk4", step_size=0.1, regularization="error"),
     "regularization")
 bad("odeint-stiffness-with-bosh3", lambda: solve(method="bosh3", regularization="stiffness"), "regularization")

@@ -17,6 +17,8 @@ Implementations, every one at the same method and tolerances:
   change, which measures the compiler rather than the solver.
 - torchode (peer): ``AutoDiffAdjoint(Dopri5, IntegralController)`` solving the batch in parallel, eager (not
   torch.jit.script), backpropagated through its steps.
+- accel_batch_norm (peer): ``accel.odeint(f, y0, t, error_norm='batch')``, the fast solver under torchdiffeq's
+  step control (see below).
 
 The eager cell of the report names its solver ("solver torchdiffeq"). Without torchdiffeq the eager column is
 torchode; without either, it is accel.reference.ode (and only the cases with B <= 64 are kept); a missing package
@@ -29,7 +31,8 @@ backprop-through-solver peers make none) and, where a solver evaluates only part
 (rows evaluated / B). They are recorded in the JSON and printed beside each time in BENCHMARKS.md.
 The NFEs are comparable but not equal by construction: accel and torchode control each sample's step on its own
 error norm (the batch runs until its slowest sample ends), torchdiffeq takes one step size for the whole batch,
-from the RMS error over all B x D elements.
+from the RMS error over all B x D elements. The peer accel_batch_norm is ``accel.odeint(..., error_norm='batch')``,
+torchdiffeq's control (one norm over the batch), so it takes torchdiffeq's steps: compare it with the eager column.
 
 Roofline: the MLP's FLOPs and bytes (stage inputs read, derivatives written, weights) at the fast solver's forward
 NFE, counted once in ``setup`` (the eager solver's NFE if the fast one fails); the backward as twice the forward.
@@ -83,6 +86,10 @@ class Dynamics:
 
 def _solve_accel(f, y0, t, dyn):
     return accel.odeint(f, y0, t, method=METHOD, rtol=RTOL, atol=ATOL)[-1]
+
+
+def _solve_accel_batch_norm(f, y0, t, dyn):
+    return accel.odeint(f, y0, t, method=METHOD, rtol=RTOL, atol=ATOL, error_norm="batch")[-1]
 
 
 def _solve_torchdiffeq(f, y0, t, dyn):
@@ -203,7 +210,7 @@ def _case(name: str, D: int, B: int, eager: tuple, peers: dict) -> Case:
 def cases(quick: bool, device: torch.device) -> list[Case]:
     """D = 2 and 32 at B = 1, 256, 4096; --quick: D = 32, B = 64."""
     have_torchdiffeq, have_torchode = _available("torchdiffeq"), _available("torchode")
-    peers = {}
+    peers = {"accel_batch_norm": _solve_accel_batch_norm}
     if have_torchdiffeq:
         eager = ("torchdiffeq", _solve_torchdiffeq)
         if have_torchode:

@@ -33,12 +33,14 @@ from accel.reference.ode import METHODS, Tableau, initial_step
 
 CONTROLLERS = ("I", "PI")
 REGULARIZATIONS = (None, "error", "stiffness")
+ERROR_NORMS = ("sample", "batch")
 
 
 def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8, *,
            controller: str = "I", safety: float = 0.9, first_step: float | None = None, step_size: float | None = None,
            min_step: float = 0.0, max_steps: int = 100_000, check_every: int | None = None, params=None,
-           dense_output: bool = True, regularization: str | None = None, return_stats: bool = False):
+           dense_output: bool = True, regularization: str | None = None, error_norm: str = "sample",
+           return_stats: bool = False):
     """Solves dy/dt = func(t, y) for a batch of initial states and returns y at the times of ``t``.
 
     Args:
@@ -68,13 +70,18 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
             ("Opening the Blackbox"), differentiable by the same discrete adjoint: 'error' (ERNODE: the sum over
             accepted steps of the error estimate's norm times the step) or 'stiffness' (STRNODE: the largest
             |h rho| / the method's stability bound over accepted steps; dopri5 and tsit5).
+        error_norm: 'sample' (each sample's step is controlled by its own error norm, so a hard sample does not
+            loosen the others' accuracy) or 'batch' (one norm over the whole batch, the RMS of the samples' norms,
+            as torchdiffeq computes it: every sample takes the same steps, fewer of them, and a sample's error is
+            controlled only on average; the initial step is chosen from batch-wide norms too). The statistics'
+            per-step ``error`` and the ERNODE regularizer stay per sample.
         return_stats: also return a dict of statistics (see `_stats`).
 
     Returns the solution (T, B, D) (or (T, D) for a 1-D y0), then the regularizer and the statistics when asked
     for.
     """
     tableau = _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                     check_every, regularization)
+                     check_every, regularization, error_norm)
     squeeze = y0.dim() == 1
     y0 = y0.unsqueeze(0) if squeeze else y0
     if params is None:
@@ -94,7 +101,7 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 4
     solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
-                     float(min_step), max_steps, check_every, bool(dense_output), regularization)
+                     float(min_step), max_steps, check_every, bool(dense_output), regularization, error_norm)
     if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
         results = _Solve.apply(solver, y0, *params)
     else:
@@ -106,7 +113,7 @@ def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e
 
 
 def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-           check_every, regularization) -> Tableau:
+           check_every, regularization, error_norm) -> Tableau:
     if not callable(func):
         raise TypeError(f"odeint: `func` must be callable as func(t, y), got {type(func).__name__}")
     if not isinstance(y0, Tensor) or y0.dim() not in (1, 2) or y0.dtype not in (torch.float32, torch.float64):
@@ -125,11 +132,12 @@ def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step
     if not bool(torch.isfinite(t).all() & (t[1:] > t[:-1]).all()):
         raise ValueError("odeint: `t` must be finite and strictly increasing")
     return check_options("odeint", method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                         check_every, regularization)
+                         check_every, regularization, error_norm)
 
 
 def check_options(op, method, rtol=1e-6, atol=1e-8, controller="I", safety=0.9, first_step=None, step_size=None,
-                  min_step=0.0, max_steps=100_000, check_every=None, regularization=None) -> Tableau:
+                  min_step=0.0, max_steps=100_000, check_every=None, regularization=None,
+                  error_norm="sample") -> Tableau:
     """Checks odeint's options (``op`` names the caller in the errors); returns the method's tableau."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"{op}: `method` must be one of {tuple(METHODS)}, got {method!r}")
@@ -152,6 +160,8 @@ def check_options(op, method, rtol=1e-6, atol=1e-8, controller="I", safety=0.9, 
     if regularization == "stiffness" and tableau.stability_bound is None:
         raise ValueError(f"{op}: `regularization` 'stiffness' needs a stability bound, and method {method!r} has no "
                          f"stability bound (dopri5 and tsit5 have one)")
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"{op}: `error_norm` must be one of {ERROR_NORMS}, got {error_norm!r}")
     if not (is_real(min_step) and min_step >= 0):
         raise ValueError(f"{op}: `min_step` must be a finite number >= 0, got {min_step!r}")
     check_count(op, "max_steps", max_steps)
@@ -173,7 +183,7 @@ class _Trace(NamedTuple):
 
 class _Solver:
     def __init__(self, func, tableau, t, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                 check_every, dense_output=True, regularization=None):
+                 check_every, dense_output=True, regularization=None, error_norm="sample"):
         self.func, self.tableau, self.times = func, tableau, t
         self.rtol, self.atol, self.controller, self.safety = rtol, atol, controller, safety
         self.first_step, self.step_size, self.min_step = first_step, step_size, min_step
@@ -185,6 +195,7 @@ class _Solver:
         self.b = list(tableau.b)
         self.interpolant = tableau.interpolant if dense_output else None
         self.regularization = regularization
+        self.batch_norm = error_norm == "batch"
         self.regularizer_step = None  # stiffness: the iteration whose estimate is each sample's largest
         self.stats: dict = {}
         self.trace: list[_Trace] = []
@@ -241,7 +252,7 @@ class _Solver:
         elif self.first_step is not None:
             h = torch.full((B,), self.first_step, dtype=y0.dtype, device=y0.device)
         else:
-            h = initial_step(func, t_now, y, k[0], tab.error_order, self.rtol, self.atol)
+            h = initial_step(func, t_now, y, k[0], tab.error_order, self.rtol, self.atol, batch=self.batch_norm)
             nfe += 1
         previous = torch.zeros(B, dtype=y0.dtype, device=y0.device)  # the PI controller's last accepted norm
         c, b_err, q = list(tab.c), list(tab.b_err), tab.error_order + 1
@@ -266,7 +277,10 @@ class _Solver:
                 stiffnesses.append(rho)
             if keep_trace:
                 y_before, t_before, first_row = y.clone(), t_now.clone(), next_index.clone()
-            status, unfinished = rk_accept_unchecked(y, k, t_now, h, next_index, previous, out, y1, norm, step,
+            control = norm
+            if self.batch_norm and norm is not None:
+                control = norm.square().mean().sqrt().expand_as(norm).contiguous()
+            status, unfinished = rk_accept_unchecked(y, k, t_now, h, next_index, previous, out, y1, control, step,
                                                      times, self.safety, q, self.controller == "PI", self.fsal,
                                                      self.interpolant)
             if not self.fsal:

@@ -129,14 +129,16 @@ def stiffness(k, g):
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num))
 
 
-def initial_step(f, t0, y0, f0, order, rtol, atol):
-    """Hairer's starting step (Solving ODEs I, II.4): from the sizes of y0, f0 and a difference quotient of f."""
+def initial_step(f, t0, y0, f0, order, rtol, atol, batch=False):
+    """Hairer's starting step (Solving ODEs I, II.4): from the sizes of y0, f0 and a difference quotient of f; per
+    sample, or with ``batch`` from RMS norms over the whole batch (one step for all, as torchdiffeq picks it)."""
     scale = atol + rtol * y0.abs()
-    d0 = (y0 / scale).pow(2).mean(-1).sqrt()
-    d1 = (f0 / scale).pow(2).mean(-1).sqrt()
+    rms = (lambda v: v.pow(2).mean().sqrt().expand(v.shape[0])) if batch else (lambda v: v.pow(2).mean(-1).sqrt())
+    d0 = rms(y0 / scale)
+    d1 = rms(f0 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     f1 = f(t0 + h0, y0 + h0[:, None] * f0)
-    d2 = ((f1 - f0) / scale).pow(2).mean(-1).sqrt() / h0
+    d2 = rms((f1 - f0) / scale) / h0
     big = torch.maximum(d1, d2)
     h1 = torch.where(big <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / torch.where(big > 0, big, 1.0)) ** (1.0 / (order + 1)))
