@@ -391,8 +391,9 @@ ACCEL_AVX2 void int4_tile_avx2(const Int4Operands& g, int64_t m0, int64_t n0) {
 
 template <int MR>
 void int4_rows_avx2(const Int4Operands& g, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NR = MR == 1 ? 2 : 1;  // 2 x 2 tiles (12 int16 sums) spill registers
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int4_tile_avx2<MR, 2>(g, m0, n);
+  for (; n + NR <= n1; n += NR) int4_tile_avx2<MR, NR>(g, m0, n);
   for (; n < n1; ++n) int4_tile_avx2<MR, 1>(g, m0, n);
 }
 #endif
