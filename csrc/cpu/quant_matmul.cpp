@@ -10,9 +10,10 @@
 //   cache at K = N = 4096, against FBGEMM's 1.5 ms).
 // weight_only_linear (4 bits): y = sum_groups step_g sum_k x_k q_k + offset_g sum_k x_k. On AVX2 the codes are
 //   multiplied as bytes against the activations split into three int8 digits (float32 accuracy; see the
-//   comment above kDigitBlock), in tiles of 2 output channels; the portable path converts the codes to floats.
-//   The codes are centred, q - 8 against offset_g + 8 step_g: with q in 0..15 the two terms cancel, and y had
-//   twice the error of the reference's x . w_hat. The sums of x per group are computed once per call.
+//   comment above kDigitBlock), in tiles of 1 row x 2 channels or 2 rows x 1 channel; the portable path
+//   converts the codes to floats. The codes are centred, q - 8 against offset_g + 8 step_g: with q in 0..15 the
+//   two terms cancel, and y had twice the error of the reference's x . w_hat. The sums of x per group are
+//   computed once per call.
 // Both run over blocks of output channels, in parallel; a block of weights is read once for all rows of x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
