@@ -132,6 +132,16 @@ void int8_row(const Int8Operands& g, int64_t m0, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) int8_tile<MR, 1>(g, m0, n);
 }
 
+// The largest |x| of a row; a NaN stays (std::max would drop it), so its row's output is NaN.
+inline float abs_max(const float* row, int64_t n) {
+  float top = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = std::fabs(row[k]);
+    top = (a > top || a != a) ? a : top;
+  }
+  return top;
+}
+
 // Symmetric per-row int8 codes of x (M, K) float32, zero-padded to Kp: q = round(x / step), step = max|x| / 127,
 // computed as torch computes round(x / step) in float32.
 void quantize_rows(const at::Tensor& x, int64_t Kp, std::vector<int8_t>& q, std::vector<uint8_t>& mag,
@@ -144,12 +154,7 @@ void quantize_rows(const at::Tensor& x, int64_t Kp, std::vector<int8_t>& q, std:
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = xd + m * K;
-      float top = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {  // a NaN stays (std::max would drop it): its row's output is NaN
-        const float a = std::fabs(row[k]);
-        top = (a > top || a != a) ? a : top;
-      }
-      const float s = top / 127.0f;
+      const float s = abs_max(row, K) / 127.0f;
       step[m] = s;
       if (!(s > 0.0f)) continue;  // an all-zero row: codes 0
       for (int64_t k = 0; k < K; ++k) {
@@ -249,7 +254,8 @@ ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
 
 // The digits of codes [k0, k0 + length) of a row (a chunk), into d (3 length bytes: h, m, l), in the order the
 // kernel reads them (`permuted`: a 64-code chunk, vector bytes 0-31 the low nibbles, 32-63 the high ones), and
-// 8 times their sums into the chunk's block's centring lanes c (16: h, then 254 m + l).
+// 8 times their sums into the chunk's block's centring lanes c (16: h, then 254 m + l). Built for AVX2 so that
+// std::nearbyint is one vroundsd, not a libm call per digit.
 ACCEL_AVX2 void split_chunk(const float* row, double scale, int64_t k0, int64_t length, bool permuted, int8_t* d,
                             int32_t* c) {
   for (int64_t p = 0; p < length; ++p) {
@@ -277,11 +283,7 @@ void split_rows(const at::Tensor& x, int64_t G, std::vector<int8_t>& digits, std
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = xd + m * Kp;
-      float top = 0.0f;
-      for (int64_t k = 0; k < Kp; ++k) {
-        const float a = std::fabs(row[k]);
-        top = (a > top || a != a) ? a : top;
-      }
+      const float top = abs_max(row, Kp);
       if (!std::isfinite(top)) {
         unit[m] = std::nan("");
         continue;
@@ -419,7 +421,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
   Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
                  offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
                  out.data_ptr<float>(), Kp, group_size, N, nullptr, nullptr, nullptr};
-  auto in_blocks = [&](auto rows) {  // rows(m, n0, n1): rows m.. against channels [n0, n1)
+  auto in_blocks = [&](auto rows) {  // rows(n0, n1): every row of x against channels [n0, n1), blocks in parallel
     at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) rows(b * kChannelBlock, std::min(N, (b + 1) * kChannelBlock));
     });
