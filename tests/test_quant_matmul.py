@@ -48,6 +48,19 @@ def test_int8_product_matches_integer_arithmetic(M, N, K):
     np.testing.assert_allclose(got.numpy(), numpy_int8_linear(x, w, bias), rtol=2e-6, atol=2e-6)
 
 
+def test_int8_rows_that_are_zero_or_nan():
+    """A zero row quantizes to codes 0 (its output is the bias); a NaN anywhere in a row makes its step, and so its
+    whole output row, NaN, however far the NaN sits from the row's largest value."""
+    K, N = 300, 5
+    x, w, bias = torch.randn(3, K), torch.randn(N, K), torch.randn(N)
+    x[1] = 0.0
+    x[2, 250] = float("nan")
+    got = quant_matmul(x, quantize(w, 8), bias)
+    np.testing.assert_allclose(got[:1].numpy(), numpy_int8_linear(x[:1], w, bias), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got[1], bias)
+    assert got[2].isnan().all()
+
+
 # group sizes 96 and 288 end each group on a 32-code chunk, 288 also spans two 256-code blocks of the AVX2 path
 @pytest.mark.parametrize("M, N, K, group_size", [(1, 3, 32, 32), (5, 17, 300, 64), (4, 9, 1024, 128), (6, 2, 40, 32),
                                                  (3, 5, 576, 96), (2, 3, 600, 288)])
