@@ -146,14 +146,14 @@ ACCEL_CPU_CLONES float abs_max(const float* row, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : top;
 }
 
-// Symmetric per-row int8 codes of x (M, K) float32, zero-padded to Kp: q = round(x / step), step = max|x| / 127,
-// computed as torch computes round(x / step) in float32.
 // Codes of one row with step s > 0 (cloned for AVX2, where the loop vectorizes).
 ACCEL_CPU_CLONES void quantize_row(const float* row, int64_t K, float s, int8_t* q) {
   for (int64_t k = 0; k < K; ++k)
     q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(row[k] / s))));
 }
 
+// Symmetric per-row int8 codes of x (M, K) float32, zero-padded to Kp: q = round(x / step), step = max|x| / 127,
+// computed as torch computes round(x / step) in float32.
 void quantize_rows(const at::Tensor& x, int64_t Kp, std::vector<int8_t>& q, std::vector<float>& step) {
   const int64_t M = x.size(0), K = x.size(1);
   const float* xd = x.data_ptr<float>();
@@ -252,6 +252,25 @@ ACCEL_CPU_CLONES void dequantize_rows(const uint8_t* w, const float* step, const
         }
       }
     }
+}
+
+// out = x w_hat^T (+ bias), a block of kPanelChannels channels per task.
+void int4_linear_panels(const at::Tensor& x, const at::Tensor& w, const at::Tensor& step, const at::Tensor& offset,
+                        int64_t group_size, const at::Tensor& bias, const at::Tensor& out) {
+  const int64_t N = w.size(0), Kp = x.size(1), groups = Kp / group_size;
+  at::parallel_for(0, (N + kPanelChannels - 1) / kPanelChannels, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_here;
+    auto panel = at::empty({kPanelChannels, Kp}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kPanelChannels, nb = std::min(N - n0, kPanelChannels);
+      dequantize_rows(w.data_ptr<uint8_t>() + n0 * (Kp / 2), step.data_ptr<float>() + n0 * groups,
+                      offset.data_ptr<float>() + n0 * groups, nb, Kp, group_size, panel.data_ptr<float>());
+      auto cols = out.narrow(1, n0, nb);
+      const auto w_hat = panel.narrow(0, 0, nb).t();
+      if (bias.defined()) at::addmm_out(cols, bias.narrow(0, n0, nb), x, w_hat);
+      else at::mm_out(cols, x, w_hat);
+    }
+  });
 }
 
 // The AVX2 path multiplies the codes as bytes, with vpmaddubsw (unsigned codes 0..15 by signed bytes), 64 codes
@@ -438,31 +457,18 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
               "int4_linear: step and offset must be (N, Kp / group_size)");
   const auto x = x_in.contiguous(), w = w_in.contiguous();
   const auto step = step_in.to(at::kFloat).contiguous();
-  const auto offset = at::add(offset_in.to(at::kFloat), step, 8.0).contiguous();  // for the centred codes q - 8
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-  const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
   auto out = at::empty({M, N}, x.options());
+  if (M >= kPanelRows) {
+    int4_linear_panels(x, w, step, offset_in.to(at::kFloat).contiguous(), group_size, bias, out);
+    return out;
+  }
+  const auto offset = at::add(offset_in.to(at::kFloat), step, 8.0).contiguous();  // for the centred codes q - 8
+  const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
   Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
                  offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
                  out.data_ptr<float>(), Kp, group_size, N, nullptr, nullptr, nullptr};
-  if (M >= kPanelRows) {
-    const auto offset_hat = offset_in.to(at::kFloat).contiguous();
-    at::parallel_for(0, (N + kPanelChannels - 1) / kPanelChannels, 1, [&](int64_t b0, int64_t b1) {
-      at::NoGradGuard no_grad_here;
-      auto panel = at::empty({kPanelChannels, Kp}, x.options());
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * kPanelChannels, nb = std::min(N - n0, kPanelChannels);
-        dequantize_rows(g.w + n0 * (Kp / 2), g.step + n0 * groups, offset_hat.data_ptr<float>() + n0 * groups, nb,
-                        Kp, group_size, panel.data_ptr<float>());
-        auto cols = out.narrow(1, n0, nb);
-        const auto w_hat = panel.narrow(0, 0, nb).t();
-        if (bias.defined()) at::addmm_out(cols, bias.narrow(0, n0, nb), x, w_hat);
-        else at::mm_out(cols, x, w_hat);
-      }
-    });
-    return out;
-  }
   auto in_blocks = [&](auto rows) {  // rows(n0, n1): every row of x against channels [n0, n1), blocks in parallel
     at::parallel_for(0, (N + kChannelBlock - 1) / kChannelBlock, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) rows(b * kChannelBlock, std::min(N, (b + 1) * kChannelBlock));
