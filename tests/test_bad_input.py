@@ -484,8 +484,8 @@ bad("dequantize-qw-offset-on-meta", lambda: ops.dequantize(broken(offset=meta(to
 bad("dequantize-qw-bits-unknown", lambda: ops.dequantize(broken(bits=3)), "qw")
 
 
-def fq(x=None, bits=8, group_size=None, scheme="symmetric"):
-    return ops.fake_quantize(r(3, 32) if x is None else x, bits, group_size, scheme)
+def fq(x=None, bits=8, group_size=None, scheme="symmetric", gradient="straight_through"):
+    return ops.fake_quantize(r(3, 32) if x is None else x, bits, group_size, scheme, gradient)
 
 
 bad("fake_quantize-x-int", lambda: fq(torch.ones(3, 32, dtype=torch.int32)), "x", TypeError)
@@ -496,6 +496,7 @@ bad("fake_quantize-x-not-whole-groups", lambda: fq(r(3, 40), 4, 32), "x")
 bad("fake_quantize-bits-3", lambda: fq(bits=3), "bits")
 bad("fake_quantize-scheme-unknown", lambda: fq(scheme="absmax"), "scheme")
 bad("fake_quantize-group_size-33", lambda: fq(bits=4, group_size=33), "group_size")
+bad("fake_quantize-gradient-unknown", lambda: fq(gradient="truncated"), "gradient")
 ok("fake_quantize-empty-rows", lambda: fq(r(0, 32)), empty_like_shape(0, 32))
 ok("fake_quantize-nan-in-x", lambda: fq(with_value(r(3, 64), (2, 1), NAN), 4, 32, "minmax"), nan_at((2, slice(0, 32))))
 

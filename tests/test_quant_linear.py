@@ -10,6 +10,7 @@ from torch import nn
 import accel
 from accel.nn import QuantLinear, distillation_loss
 from accel.ops import dequantize, quantize
+from accel.reference import quant as reference
 
 sklearn = pytest.importorskip("sklearn.datasets")
 
@@ -80,6 +81,19 @@ def test_straight_through_gradient_reaches_the_float_weights():
     torch.testing.assert_close(layer.weight.grad, torch.ones(5, 8).T @ x)
 
 
+def test_scale_gradient_reaches_the_weights_that_set_each_groups_range():
+    torch.manual_seed(0)
+    layer = QuantLinear(40, 8, bits=4, group_size=32, gradient="scale")  # 40 inputs: the second group is padded
+    x = torch.randn(5, 40)
+    layer(x).sum().backward()
+    w = layer.weight.detach().double().requires_grad_()
+    padded = torch.cat([w, w[:, -1:].expand(-1, 24)], dim=1)
+    w_hat = reference.fake_quantize_through_scale(padded, 4, 32, "minmax")[:, :40]
+    nn.functional.linear(x.double(), w_hat, layer.bias.double()).sum().backward()
+    torch.testing.assert_close(layer.weight.grad.double(), w.grad, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(w.grad, torch.ones(5, 8, dtype=torch.float64).T @ x.double())
+
+
 def test_quantize_swaps_linears_in_place_with_a_filter():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4)))
     reference = copy.deepcopy(model)
@@ -97,6 +111,8 @@ def test_bad_arguments():
         QuantLinear(8, 8, bits=3)
     with pytest.raises(ValueError, match="`group_size`"):
         QuantLinear(8, 8, bits=4, group_size=20)
+    with pytest.raises(ValueError, match="`gradient`"):
+        QuantLinear(8, 8, gradient="truncated")
     with pytest.raises(ValueError, match="input features"):
         QuantLinear(8, 8)(torch.randn(2, 9))
 

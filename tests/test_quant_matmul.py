@@ -107,7 +107,31 @@ def test_fake_quantize_passes_the_gradient_straight_through():
     g = torch.randn_like(x)
     y.backward(g)
     torch.testing.assert_close(x.grad, g)
-    torch.library.opcheck(torch.ops.accel.fake_quantize.default, (x.detach().requires_grad_(), 4, 32, "minmax"))
+    torch.library.opcheck(torch.ops.accel.fake_quantize.default,
+                          (x.detach().requires_grad_(), 4, 32, "minmax", "straight_through"))
+
+
+@pytest.mark.parametrize("bits, group_size, scheme, extremes", [
+    (4, 32, "minmax", 2), (2, 64, "minmax", 2), (8, None, "symmetric", 1), (4, 32, "symmetric", 1)])
+def test_fake_quantize_scale_gradient_is_polinos(bits, group_size, scheme, extremes):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 128, dtype=torch.float64)
+    g = torch.randn_like(x)
+    fast = x.clone().requires_grad_()
+    fake_quantize(fast, bits, group_size, scheme, "scale").backward(g)
+    slow = x.clone().requires_grad_()
+    y = reference.fake_quantize_through_scale(slow, bits, group_size, scheme)
+    y.backward(g)
+    torch.testing.assert_close(fake_quantize(x, bits, group_size, scheme), y.detach())
+    torch.testing.assert_close(fast.grad, slow.grad)
+    # beyond the straight-through gradient, only each group's max and min (or largest |x|) get something
+    groups = x.numel() // (group_size or x.shape[-1])
+    assert int(((fast.grad - g).abs() > 1e-12).sum()) == extremes * groups
+    x32 = x.float().requires_grad_()
+    fake_quantize(x32, bits, group_size, scheme, "scale").backward(g.float())
+    torch.testing.assert_close(x32.grad.double(), slow.grad, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.accel.fake_quantize.default,
+                          (x32.detach().requires_grad_(), bits, group_size or 0, scheme, "scale"))
 
 
 def test_opcheck():
@@ -126,6 +150,7 @@ def test_opcheck():
     (lambda w, x: quant_matmul(x, w), "`qweight`"),
     (lambda w, x: quant_matmul(x, quantize(w, 8), torch.ones(3)), "`bias`"),
     (lambda w, x: fake_quantize(x[:, :40], 4, 32, "minmax"), "multiple"),
+    (lambda w, x: fake_quantize(x, 4, 32, "minmax", "truncated"), "`gradient`"),
 ])
 def test_bad_input_raises_a_clear_error(call, match):
     with pytest.raises((TypeError, ValueError), match=match):

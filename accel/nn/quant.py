@@ -1,7 +1,8 @@
 """accel.nn.QuantLinear, accel.quantize_ and the distillation loss for training quantized students.
 
 QuantLinear trains with fake quantization: the forward uses the weights quantized as inference will use them
-(accel.ops.quantize), and the straight-through estimator passes the gradient to the float weights. In eval mode it
+(accel.ops.fake_quantize), and the straight-through estimator, or Polino et al.'s gradient through the groups'
+scales, passes the gradient to the float weights. In eval mode it
 runs accel.ops.quant_matmul on the packed codes, cached until the weights change; ``pack()`` drops the float weights
 for good. ``accel.quantize_(model, ...)`` swaps a model's nn.Linear layers for packed QuantLinears in place, in
 torchao's style.
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accel.ops import dequantize, quant_matmul, quantize
+from accel.ops import dequantize, fake_quantize, quant_matmul, quantize
 from accel.nn.packed_linear import PackedLinear
 from accel.ops._checks import check_count, is_real
-from accel.ops.quantize import CODES_PER_BLOCK, QuantizedWeight, check_options
+from accel.ops.quantize import CODES_PER_BLOCK, GRADIENTS, QuantizedWeight, pad_to_groups, check_options
 
 
 class QuantLinear(PackedLinear):
@@ -26,15 +27,19 @@ class QuantLinear(PackedLinear):
             groups of ``group_size`` along the input, float activations).
         group_size: values per quantization group for 4 and 2 bits (a multiple of 32, 64 for 2 bits); ignored for 8.
         scheme: "symmetric" or "minmax"; default as above.
+        gradient: how training differentiates the quantized weights: "straight_through" or "scale" (also
+            through each group's step and offset, as Polino et al.; accel.ops.fake_quantize).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 128,
-                 scheme: str | None = None, device=None, dtype=None):
+                 scheme: str | None = None, gradient: str = "straight_through", device=None, dtype=None):
         scheme = scheme or ("symmetric" if bits == 8 else "minmax")
         group_size = None if bits == 8 else group_size
         check_options("QuantLinear", bits, group_size, scheme)
+        if gradient not in GRADIENTS:
+            raise ValueError(f"QuantLinear: `gradient` must be one of {GRADIENTS}, got {gradient!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.bits, self.group_size, self.scheme = bits, group_size, scheme
+        self.bits, self.group_size, self.scheme, self.gradient = bits, group_size, scheme, gradient
 
     def quantized_weight(self) -> QuantizedWeight:
         """The packed weights: cached until the float weights change."""
@@ -48,8 +53,8 @@ class QuantLinear(PackedLinear):
         self._check_features(x)
         if self.packed or not self.training:
             return quant_matmul(x, self.quantized_weight(), self.bias)
-        w_hat = dequantize(self.quantized_weight()).to(self.weight.dtype)
-        w = self.weight + (w_hat - self.weight).detach()  # straight-through: forward w_hat, gradient to weight
+        padded, G = pad_to_groups(self.weight, self.bits, self.group_size)  # as quantize() pads, differentiably
+        w = fake_quantize(padded, self.bits, G, self.scheme, self.gradient)[:, :self.in_features]
         if self.bits == 8:  # the activations as the int8 product will see them
             x_hat = dequantize(quantize(x.detach().reshape(-1, x.shape[-1]).float(), 8)).reshape(x.shape).to(x.dtype)
             x = x + (x_hat - x).detach()
@@ -64,7 +69,7 @@ class QuantLinear(PackedLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, group_size={self.group_size}, scheme={self.scheme}" +
+                f"bits={self.bits}, group_size={self.group_size}, scheme={self.scheme}, gradient={self.gradient}" +
                 (", packed" if self.packed else ""))
 
 

@@ -1,5 +1,6 @@
 """accel.ops.quantize: uniform quantization of weights into packed integer codes (accel/reference/quant.py), its
-inverse, and fake quantization with the straight-through estimator for training.
+inverse, and fake quantization for training, with the straight-through estimator or Polino et al.'s gradient through
+the groups' scales.
 
 Codes are packed along the input dimension K: int8 as they are; 4 bits two to a byte and 2 bits four to a byte,
 in blocks of 32 (4 bits) or 64 (2 bits) codes where byte j holds codes j, j + 16 (, j + 32, j + 48), so a kernel
@@ -16,11 +17,12 @@ from torch import Tensor
 from accel.ops._library import lib
 from accel.reference import quant as reference
 
-lib.define("fake_quantize(Tensor x, int bits, int group_size, str scheme) -> Tensor")
+lib.define("fake_quantize(Tensor x, int bits, int group_size, str scheme, str gradient) -> Tensor")
 
 SCHEMES = ("symmetric", "minmax")
 BITS = (8, 4, 2)
 CODES_PER_BLOCK = {8: 32, 4: 32, 2: 64}
+GRADIENTS = ("straight_through", "scale")
 
 
 @dataclass
@@ -77,7 +79,8 @@ def check_quantized_weight(op: str, name: str, qw) -> None:
                          f"{step.device} and {offset.device}")
 
 
-def _padded(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
+def pad_to_groups(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
+    """w (N, K) padded to whole groups by repeating each row's last value (differentiable), and the group size."""
     block = CODES_PER_BLOCK[bits]
     K = w.shape[1]
     G = group_size if group_size is not None else math.ceil(K / block) * block
@@ -93,7 +96,7 @@ def quantize(w: Tensor, bits: int = 8, group_size: int | None = None, scheme: st
                          f"{(w.dtype, tuple(w.shape)) if isinstance(w, Tensor) else type(w).__name__}")
     check_options("quantize", bits, group_size, scheme)
     K = w.shape[1]
-    padded, G = _padded(w.detach(), bits, group_size)
+    padded, G = pad_to_groups(w.detach(), bits, group_size)
     q, step, offset = reference.quantize(padded, bits, G, scheme)
     low, _ = reference.levels(bits, scheme)
     return QuantizedWeight(_pack(q, bits, low), step.float(), offset.float(), bits, G, scheme, K)
@@ -129,9 +132,15 @@ def dequantize(qw: QuantizedWeight) -> Tensor:
     return reference.dequantize(unpack_codes(qw), qw.step, qw.offset).float()[:, :qw.in_features]
 
 
-def fake_quantize(x: Tensor, bits: int = 8, group_size: int | None = None, scheme: str = "symmetric") -> Tensor:
-    """dequantize(quantize(x)) over the rows of x (..., K), differentiable with the straight-through estimator
-    (the gradient passes unchanged). K must be a multiple of group_size."""
+def fake_quantize(x: Tensor, bits: int = 8, group_size: int | None = None, scheme: str = "symmetric",
+                  gradient: str = "straight_through") -> Tensor:
+    """dequantize(quantize(x)) over the rows of x (..., K); K must be a multiple of group_size.
+
+    gradient: "straight_through" passes the gradient unchanged; "scale" adds what Polino et al.'s code
+    backpropagates through each group's step and offset into the values that set them (the group's max and min,
+    or its largest |x|; accel.reference.quant.fake_quantize_through_scale). No value lies outside its group's
+    range, so a straight-through estimator truncated to the range would pass the same gradient as the plain one.
+    """
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"fake_quantize: `x` must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
@@ -141,27 +150,62 @@ def fake_quantize(x: Tensor, bits: int = 8, group_size: int | None = None, schem
     if group_size is not None and x.shape[-1] % group_size:
         raise ValueError(f"fake_quantize: `x`'s last dimension ({x.shape[-1]}) must be a multiple of `group_size` "
                          f"({group_size})")
-    return torch.ops.accel.fake_quantize(x, bits, group_size or 0, scheme)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"fake_quantize: `gradient` must be one of {GRADIENTS}, got {gradient!r}")
+    return torch.ops.accel.fake_quantize(x, bits, group_size or 0, scheme, gradient)
 
 
-def _fake_quantize_kernel(x, bits, group_size, scheme):
-    return reference.fake_quantize(x, bits, group_size or None, scheme)
+def _fake_quantize_kernel(x, bits, group_size, scheme, gradient):
+    # steps and offsets rounded as quantize() stores them (float32, or x's dtype when wider), so that the value is
+    # what the packed weights give
+    q, step, offset = reference.quantize(x, bits, group_size or None, scheme)
+    kept = torch.promote_types(x.dtype, torch.float32)
+    return reference.dequantize(q, step.to(kept), offset.to(kept)).to(x.dtype)
 
 
 lib.impl("fake_quantize", _fake_quantize_kernel, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("accel::fake_quantize")
-def _fake(x, bits, group_size, scheme):
+def _fake(x, bits, group_size, scheme, gradient):
     return torch.empty_like(x)
 
 
-def _straight_through(ctx, grad):
-    return grad, None, None, None
+def _through_scale(grad: Tensor, x: Tensor, bits: int, group_size: int, scheme: str) -> Tensor:
+    """The "scale" gradient's extra term. With the rounding straight through, x_hat_j = step q_j + offset gives
+    d x_hat_j / d step = q_j - t_j, t_j = (x_j - offset) / step, and d x_hat_j / d offset = 0 (the offset's direct
+    term cancels the one through t_j). So dL/d step = sum_j g_j (q_j - t_j), and step = (max - min) / high passes
+    it over high to the group's max and minus it to its min; step = max |x| / high to the largest |x|, signed."""
+    K = x.shape[-1]
+    G = group_size or K
+    groups = x.detach().double().unflatten(-1, (K // G, G))
+    q, step, offset = reference.quantize(x.detach(), bits, group_size or None, scheme)
+    q, step, offset = q.unflatten(-1, (K // G, G)), step.unsqueeze(-1), offset.unsqueeze(-1)
+    t = (groups - offset) / torch.where(step > 0, step, 1.0)
+    per_step = (grad.double().unflatten(-1, (K // G, G)) * (q - t)).sum(-1, keepdim=True)
+    d_top = torch.where(step > 0, per_step, 0.0) / reference.levels(bits, scheme)[1]
+    out = torch.zeros_like(groups)
+    if scheme == "minmax":
+        out.scatter_add_(-1, groups.argmax(-1, keepdim=True), d_top)
+        out.scatter_add_(-1, groups.argmin(-1, keepdim=True), -d_top)
+    else:
+        top = groups.abs().argmax(-1, keepdim=True)
+        out.scatter_add_(-1, top, d_top * groups.gather(-1, top).sign())
+    return out.flatten(-2).to(grad.dtype)
 
 
-def _no_context(ctx, inputs, output):
-    pass
+def _fake_quantize_backward(ctx, grad):
+    if ctx.gradient == "scale":
+        x, = ctx.saved_tensors
+        grad = grad + _through_scale(grad, x, *ctx.options)
+    return grad, None, None, None, None
 
 
-torch.library.register_autograd("accel::fake_quantize", _straight_through, setup_context=_no_context)
+def _save_for_scale(ctx, inputs, output):
+    x, bits, group_size, scheme, gradient = inputs
+    ctx.options, ctx.gradient = (bits, group_size, scheme), gradient
+    if gradient == "scale":
+        ctx.save_for_backward(x)
+
+
+torch.library.register_autograd("accel::fake_quantize", _fake_quantize_backward, setup_context=_save_for_scale)

@@ -7,7 +7,9 @@ Two schemes, each over groups (buckets) of consecutive values along the last dim
 - "symmetric" (absmax): q = round(x / step) in [-(2^(bits-1) - 1), 2^(bits-1) - 1], step = max |x| / (2^(bits-1) - 1),
   x_hat = q * step; one group per row is the usual per-output-channel int8 weight, and per-row dynamic
   quantization of activations.
-Training goes through the rounding with the straight-through estimator: d x_hat / d x = 1.
+Training goes through the rounding with the straight-through estimator: d x_hat / d x = 1. Polino et al.'s code
+also differentiates through each group's step and offset, which are functions of the group's extreme values
+(fake_quantize_through_scale).
 
 Products: with weights quantized along K and activations x,
     y_n = sum_k x_k w_hat_nk = sum_groups (step_g sum_k x_k q_k + min_g sum_k x_k),
@@ -52,6 +54,25 @@ def dequantize(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> tor
 def fake_quantize(x: torch.Tensor, bits: int, group_size: int | None, scheme: str) -> torch.Tensor:
     """x_hat, in x's dtype."""
     return dequantize(*quantize(x, bits, group_size, scheme)).to(x.dtype)
+
+
+def fake_quantize_through_scale(x: torch.Tensor, bits: int, group_size: int | None, scheme: str) -> torch.Tensor:
+    """fake_quantize's x_hat in float64, differentiable as Polino et al. train it: the rounding passes the gradient
+    straight through, and the step and offset are computed from the group's values by autograd (min and max, or
+    max |x|; the gradient of a max goes to its first position), so the values that set them get a gradient too."""
+    K = x.shape[-1]
+    g = K if group_size is None else group_size
+    groups = x.double().unflatten(-1, (K // g, g))
+    low, high = levels(bits, scheme)
+    if scheme == "minmax":
+        offset = groups.min(-1, keepdim=True).values
+        step = (groups.max(-1, keepdim=True).values - offset) / high
+    else:
+        offset = torch.zeros_like(groups[..., :1])
+        step = groups.abs().max(-1, keepdim=True).values / high
+    u = (groups - offset) / torch.where(step > 0, step, 1.0)
+    q = u + (torch.round(u).clamp(low, high) - u).detach()
+    return torch.where(step > 0, q * step + offset, groups).flatten(-2)
 
 
 def int8_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -203,7 +203,7 @@ struct Int4Operands {
   const float* xsum;     // (M, groups): sum of x per group
   const uint8_t* w;      // (N, Kp / 2)
   const float* step;     // (N, groups)
-  const float* offset;   // (N, groups), for the centred codes: offset + 8 step
+  const float* offset;   // (N, groups); the centred codes q - 8 take offset + 8 step (centred_offset)
   const float* bias;
   float* out;
   int64_t Kp, G, N;
@@ -212,6 +212,8 @@ struct Int4Operands {
   const int32_t* centre;  // (M, blocks, 2, 8)
   const double* unit;     // (M,)
 };
+
+inline float centred_offset(float offset, float step) { return offset + 8.0f * step; }  // 8 step is exact
 
 inline int code_at(const uint8_t* row, int64_t k) {  // code k of a row: block k / 32, nibble by k % 32
   const uint8_t byte = row[(k / 32) * 16 + (k % 16)];
@@ -226,7 +228,8 @@ void int4_row_portable(const Int4Operands& g, int64_t m, int64_t n) {
   for (int64_t q = 0; q < groups; ++q) {
     float dot = 0.0f;
     for (int64_t k = q * g.G; k < (q + 1) * g.G; ++k) dot += x[k] * static_cast<float>(code_at(w, k) - 8);
-    y += g.step[n * groups + q] * dot + g.offset[n * groups + q] * g.xsum[m * groups + q];
+    const float s = g.step[n * groups + q];
+    y += s * dot + centred_offset(g.offset[n * groups + q], s) * g.xsum[m * groups + q];
   }
   g.out[m * g.N + n] = g.bias ? y + g.bias[n] : y;
 }
@@ -317,11 +320,11 @@ ACCEL_AVX2 void split_chunk(const float* row, double scale, int64_t k0, int64_t 
 
 // x's rows as digits and centring lanes; rows that are all zero get unit 0, rows with NaN or Inf unit NaN (the
 // caller computes those with the float path).
-void split_rows(const at::Tensor& x, int64_t G, std::vector<int8_t>& digits, std::vector<int32_t>& centre,
+void split_rows(const at::Tensor& x, int64_t G, const at::Tensor& digits, std::vector<int32_t>& centre,
                 std::vector<double>& unit) {
   const int64_t M = x.size(0), Kp = x.size(1), blocks = (Kp / G) * blocks_per_group(G);
   const float* xd = x.data_ptr<float>();
-  digits.assign(M * 3 * Kp, 0);
+  digits.zero_();  // rows that are all zero, NaN or Inf keep zero digits
   centre.assign(M * blocks * 16, 0);
   unit.assign(M, 0.0);
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
@@ -338,7 +341,7 @@ void split_rows(const at::Tensor& x, int64_t G, std::vector<int8_t>& digits, std
         for (int64_t k0 = q0; k0 < q0 + G; k0 += 64) {
           const int64_t block = (k0 / G) * blocks_per_group(G) + (k0 % G) / kDigitBlock;
           const int64_t length = std::min<int64_t>(64, q0 + G - k0);
-          split_chunk(row, 127.0 / top, k0, length, length == 64, digits.data() + m * 3 * Kp + 3 * k0,
+          split_chunk(row, 127.0 / top, k0, length, length == 64, digits.data_ptr<int8_t>() + m * 3 * Kp + 3 * k0,
                       centre.data() + (m * blocks + block) * 16);
         }
       }
@@ -423,15 +426,19 @@ ACCEL_AVX2 void int4_tile_avx2(const Int4Operands& g, int64_t m0, int64_t n0) {
     }
   }
   const int64_t groups8 = groups - groups % 8;
+  const __m256 eight = _mm256_set1_ps(8.0f);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       const float* offset = g.offset + (n0 + j) * groups;
+      const float* step = g.step + (n0 + j) * groups;
       const float* xsum = g.xsum + (m0 + i) * groups;
       __m256 part = _mm256_setzero_ps();
-      for (int64_t q = 0; q < groups8; q += 8)
-        part = _mm256_fmadd_ps(_mm256_loadu_ps(offset + q), _mm256_loadu_ps(xsum + q), part);
+      for (int64_t q = 0; q < groups8; q += 8) {
+        const __m256 centred = _mm256_fmadd_ps(_mm256_loadu_ps(step + q), eight, _mm256_loadu_ps(offset + q));
+        part = _mm256_fmadd_ps(centred, _mm256_loadu_ps(xsum + q), part);
+      }
       float total = static_cast<float>(horizontal_sum_ps(y[i][j]) * g.unit[m0 + i]) + horizontal_sum_ps(part);
-      for (int64_t q = groups8; q < groups; ++q) total += offset[q] * xsum[q];
+      for (int64_t q = groups8; q < groups; ++q) total += centred_offset(offset[q], step[q]) * xsum[q];
       g.out[(m0 + i) * g.N + n0 + j] = g.bias ? total + g.bias[n0 + j] : total;
     }
 }
@@ -457,14 +464,14 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
               "int4_linear: step and offset must be (N, Kp / group_size)");
   const auto x = x_in.contiguous(), w = w_in.contiguous();
   const auto step = step_in.to(at::kFloat).contiguous();
+  const auto offset = offset_in.to(at::kFloat).contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   auto out = at::empty({M, N}, x.options());
   if (M >= kPanelRows) {
-    int4_linear_panels(x, w, step, offset_in.to(at::kFloat).contiguous(), group_size, bias, out);
+    int4_linear_panels(x, w, step, offset, group_size, bias, out);
     return out;
   }
-  const auto offset = at::add(offset_in.to(at::kFloat), step, 8.0).contiguous();  // for the centred codes q - 8
   const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
   Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
                  offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
@@ -476,11 +483,13 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
   };
 #if defined(ACCEL_X86_AVX2)
   if (cpu_has_avx2()) {
-    std::vector<int8_t> digits;
+    // ATen's buffers start on 64 bytes, so no 32-byte load of digits straddles two cache lines (a std::vector's
+    // 16-byte start made half of them do so, and the kernel's loop 1.7x slower with the weights in L1)
+    const auto digits = at::empty({M, 3 * Kp}, x.options().dtype(at::kChar));
     std::vector<int32_t> centre;
     std::vector<double> unit;
     split_rows(x, group_size, digits, centre, unit);
-    g.digits = digits.data(), g.centre = centre.data(), g.unit = unit.data();
+    g.digits = digits.data_ptr<int8_t>(), g.centre = centre.data(), g.unit = unit.data();
     in_blocks([&](int64_t n0, int64_t n1) {
       int64_t m = 0;
       for (; m + 2 <= M; m += 2) int4_rows_avx2<2>(g, m, n0, n1);
