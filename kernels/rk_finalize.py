@@ -115,7 +115,7 @@ def _forward_kernel(y0_ptr, y1_ptr, k_ptr, g_ptr, h_ptr, coef_ptr, idx_ptr, tol_
     s_sum, n_sum, g_sum = _sums(y0_ptr, y1_ptr, k_ptr, g_ptr, coef_ptr, idx_ptr, rows, in_rows, h, rtol, atol, B,
                                 D, S, M, BLOCK_B, BLOCK_D)
     norm = tl.sqrt(s_sum / D)
-    rho = tl.where(g_sum > 0, tl.sqrt(n_sum) / tl.sqrt(tl.where(g_sum > 0, g_sum, 1.0)), 0.0)
+    rho = tl.where(g_sum != 0, tl.sqrt(n_sum) / tl.sqrt(tl.where(g_sum != 0, g_sum, 1.0)), 0.0)  # NaN stays NaN
     tl.store(norm_ptr + rows, norm.to(h.dtype), mask=in_rows)
     tl.store(rho_ptr + rows, rho.to(h.dtype), mask=in_rows)
 
@@ -135,12 +135,12 @@ def _backward_kernel(gn_ptr, gr_ptr, y0_ptr, y1_ptr, k_ptr, g_ptr, h_ptr, coef_p
                                 D, S, M, BLOCK_B, BLOCK_D)
     norm = tl.sqrt(s_sum / D)
     # per-sample factors, in float64, then in the input's dtype for the per-element products
-    q_factor = tl.where(norm > 0, gn.to(tl.float64) / (D * tl.where(norm > 0, norm, 1.0)), 0.0).to(h.dtype)
+    q_factor = tl.where(norm != 0, gn.to(tl.float64) / (D * tl.where(norm != 0, norm, 1.0)), 0.0).to(h.dtype)
     nd = tl.sqrt(n_sum) * tl.sqrt(g_sum)
-    k_factor = tl.where(nd > 0, gr.to(tl.float64) / tl.where(nd > 0, nd, 1.0), 0.0).to(h.dtype)
+    k_factor = tl.where(nd != 0, gr.to(tl.float64) / tl.where(nd != 0, nd, 1.0), 0.0).to(h.dtype)
     # gr rho / G = gr sqrt(N) / G^(3/2)
-    g_safe = tl.where(g_sum > 0, g_sum, 1.0)
-    y_factor = tl.where(nd > 0, gr.to(tl.float64) * tl.sqrt(n_sum) / (tl.sqrt(g_safe) * g_safe), 0.0).to(h.dtype)
+    g_safe = tl.where(g_sum != 0, g_sum, 1.0)
+    y_factor = tl.where(nd != 0, gr.to(tl.float64) * tl.sqrt(n_sum) / (tl.sqrt(g_safe) * g_safe), 0.0).to(h.dtype)
     stage_stride = B * D
     gh = tl.zeros([BLOCK_B], tl.float64)
     for d0 in range(0, D, BLOCK_D):

@@ -127,6 +127,19 @@ def test_zero_norm_and_zero_denominator_give_zero_gradients():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_stage_input_gives_nan_stiffness_and_gradients(dtype):
+    y0, y1, k, g_prev, h = (t.to(dtype) for t in inputs(7, 4, 5))
+    g_prev[2, 3] = float("nan")  # sample 2 only: its stiffness and the gradients through it are NaN, not 0
+    args = (y0, y1, k, g_prev, h, B_ERR, 1e-3, 1e-6)
+    grads = (torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype))
+    fast, ref = run(rk_finalize, args, grads), run(reference, args, grads)
+    assert fast[1][2].isnan() and torch.isfinite(fast[1][[0, 1, 3]]).all()
+    assert fast[3][2].isnan().all() and torch.isfinite(fast[3][[0, 1, 3]]).all()  # dL/dy1
+    for name, f, r in zip(NAMES, fast, ref):
+        torch.testing.assert_close(f, r, msg=name, equal_nan=True)
+
+
 def test_fast_paths_match_the_registered_autograd():
     args = (*inputs(7, 5, 3), B_ERR, 1e-3, 1e-6)
     with torch.no_grad():

@@ -65,6 +65,18 @@ def test_zero_stiffness_denominator_gives_zero_and_zero_gradients():
         torch.testing.assert_close(g, w, msg=name)
 
 
+def test_a_nan_stage_input_gives_nan_stiffness_and_gradients():
+    y0, y1, k, g_prev, h = inputs(7, 4, 9)
+    g_prev[2, 3] = float("nan")  # sample 2 only
+    args = (y0, y1, k, g_prev, h, list(ode.DOPRI5.b_err), 1e-3, 1e-6)
+    grads = (torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64))
+    got, want = both(kernels, args, grads), both(op, args, grads)
+    assert got[1][2].isnan() and torch.isfinite(got[1][[0, 1, 3]]).all()
+    assert got[2 + 1][2].isnan().all() and torch.isfinite(got[2 + 1][[0, 1, 3]]).all()  # dL/dy1
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, msg=name, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stiffness_of_a_linear_field_is_the_eigenvalue_modulus(dtype):
     # f(y) = lambda y: k[s-1] - k[s-2] = lambda (y1 - g_prev), so rho = |lambda|, per sample

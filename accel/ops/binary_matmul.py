@@ -28,7 +28,8 @@ def binary_matmul(a_bits: Tensor, b_bits: Tensor, k: int, *, scale: Tensor | flo
     """sign(a) sign(b)^T from packed operands.
 
     Args:
-        a_bits: (..., W) int32, rows of K bits packed by pack_bits (W = ceil(K / 32)).
+        a_bits: (..., W) int32, rows of K bits packed by pack_bits (W = ceil(K / 32)). The bits past k in the
+            last word must be 0, as pack_bits leaves them: they are counted like the others.
         b_bits: (N, W) int32, e.g. a Linear layer's (out_features, in_features) weight, packed.
         k: K, the number of bits per row that count.
         scale: (N,) per output channel, or a number; multiplies the dot products.

@@ -134,7 +134,7 @@ def _reference(y0, y1, k, g_prev, h, b_err, rtol, atol):
     err = h[:, None] * reference.combination(k, b_err)
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     ms = (err / scale).pow(2).mean(-1)
-    norm = torch.where(ms > 0, torch.where(ms > 0, ms, 1.0).sqrt(), torch.zeros_like(ms))  # error_norm, safe at 0
+    norm = torch.where(ms != 0, torch.where(ms != 0, ms, 1.0).sqrt(), torch.zeros_like(ms))  # error_norm, safe at 0
     return norm, reference.stiffness(k, torch.stack([g_prev, y1]))
 
 

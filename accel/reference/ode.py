@@ -123,10 +123,11 @@ def error_norm(err, y0, y1, rtol, atol):
 
 
 def stiffness(k, g):
-    """rho = ||k_s - k_{s-1}|| / ||g_s - g_{s-1}|| per sample (0 where the two stage inputs coincide)."""
+    """rho = ||k_s - k_{s-1}|| / ||g_s - g_{s-1}|| per sample (0 where the two stage inputs coincide; NaN stays
+    NaN)."""
     num = (k[-1] - k[-2]).norm(dim=-1)
     den = (g[-1] - g[-2]).norm(dim=-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num))
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), torch.zeros_like(num))
 
 
 def initial_step(f, t0, y0, f0, order, rtol, atol, batch=False):

@@ -166,8 +166,8 @@ RowFactors<T> row_factors(const Sums& sums, int64_t D, double gn, double gr) {
   const double norm = std::sqrt(sums.err2 / static_cast<double>(D));
   const double num = std::sqrt(sums.dk2), den = std::sqrt(sums.dy2);
   RowFactors<T> f{T(0), T(0), T(0)};
-  if (norm > 0) f.cn = static_cast<T>(gn / (static_cast<double>(D) * norm));
-  if (den > 0 && num > 0) {
+  if (norm != 0) f.cn = static_cast<T>(gn / (static_cast<double>(D) * norm));
+  if (den != 0 && num != 0) {  // != 0: a NaN carries through
     f.ck = static_cast<T>(gr / (num * den));
     f.cy = static_cast<T>(gr * num / (den * den * den));
   }
@@ -363,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& y0_in, const at
         for (int64_t r = r0; r < r1; ++r) {
           const Sums& sm = sums[r - r0];
           np[r] = static_cast<T>(std::sqrt(sm.err2 / static_cast<double>(D)));
-          rp[r] = sm.dy2 > 0 ? static_cast<T>(std::sqrt(sm.dk2) / std::sqrt(sm.dy2)) : T(0);
+          rp[r] = sm.dy2 != 0 ? static_cast<T>(std::sqrt(sm.dk2) / std::sqrt(sm.dy2)) : T(0);
         }
       }
     });

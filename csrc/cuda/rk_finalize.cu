@@ -82,7 +82,7 @@ __global__ void rk_finalize_kernel(const T* __restrict__ y0, const T* __restrict
   }
   if (t == 0) {
     norm[b] = static_cast<T>(sqrt(sums[0][0] / static_cast<double>(D)));
-    rho[b] = sums[2][0] > 0 ? static_cast<T>(sqrt(sums[1][0]) / sqrt(sums[2][0])) : T(0);
+    rho[b] = sums[2][0] != 0 ? static_cast<T>(sqrt(sums[1][0]) / sqrt(sums[2][0])) : T(0);
   }
 }
 
