@@ -18,11 +18,12 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs t
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# The CUDA kernels are Triton ones (csrc/cuda holds none yet), so the extension is the CPU one. `python -m pip`:
-# a bare `pip` there can belong to another Python than the one with torch. Without pip in that Python, the
-# extension is built in place and kernels/ is linked where the package layout puts it (accel/kernels).
-export ACCEL_NO_CUDA=1 MAX_JOBS=16
-step build 180 bash -c 'python -m pip install --no-build-isolation --no-deps -e . ||
+# The extension is built with csrc/cuda (binary_matmul, rk_finalize, int8_linear), which setup.py takes when torch
+# sees a GPU and nvcc is present; the other CUDA kernels are Triton ones. `python -m pip`: a bare `pip` there can
+# belong to another Python than the one with torch. Without pip in that Python, the extension is built in place and
+# kernels/ is linked where the package layout puts it (accel/kernels).
+export MAX_JOBS=16
+step build 300 bash -c 'python -m pip install --no-build-isolation --no-deps -e . ||
   { python setup.py build_ext --inplace && ln -sfn ../kernels accel/kernels; }'
 python -c "import accel.kernels, accel._C; print('accel', accel.__file__)"
 step verify 120 python -m accel verify --device cuda
