@@ -600,11 +600,14 @@ def test_quantize_dequantize_and_fake_quantize(N, K, bits, scheme, groups, dtype
     offset = qw.offset.double().repeat_interleave(qw.group_size, 1)[:, :K]
     slack = 2.0 ** -23 * (codes[:, :K].abs() * step + offset.abs() + w_hat.double().abs())
     assert ((w_hat.double() - w.double()).abs() <= step / 2 + slack).all()
-    # fake quantization: the reference's values, and the straight-through gradient
+    # fake quantization: the reference's values with the steps and offsets as quantize() stores them (float32, or
+    # x's dtype when wider), and the straight-through gradient
     if group_size is None or K % group_size == 0:
         x = w.detach().clone().requires_grad_()
         y = fake_quantize(x, bits, group_size, scheme)
-        assert torch.equal(y, quant_ref.fake_quantize(w, bits, group_size, scheme))
+        q, s, o = quant_ref.quantize(w, bits, group_size, scheme)
+        kept = torch.promote_types(dtype, F32)
+        assert torch.equal(y, quant_ref.dequantize(q, s.to(kept), o.to(kept)).to(dtype))
         g = torch.randn(y.shape, generator=gen).to(dtype)
         (gx,) = torch.autograd.grad(y, x, g)
         assert torch.equal(gx, g)
