@@ -1,49 +1,32 @@
 // CUDA kernel of accel::binary_matmul: dot products of sign vectors packed 32 to a word, K - 2 popc(a XOR b), with
 // the scale and bias epilogue fused. A plain launcher (no torch header), registered by binary_matmul_glue.cpp.
 //
-// A block of 16 x 16 threads computes a 64 x 64 tile of the output, 4 x 4 results per thread, the indices
-// interleaved (thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j), so the shared-memory reads of a warp hit
-// distinct banks or broadcast. Per step the block stages 64 rows x 16 words of a and of b in shared memory (each word
-// loaded once from global memory, coalesced along the row), then each thread runs 16 x 16 XOR + __popc on registers.
+// The 64 x 64 tiles of word_tiles.cuh, each pair of words adding __popc(a XOR b) to its count.
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
+#include "cuda/word_tiles.cuh"
+
 namespace accel {
 namespace {
 
-constexpr int kTile = 64, kThreads = 16, kPerThread = kTile / kThreads, kWords = 16;
+struct PopcountXor {
+  __device__ int operator()(uint32_t a, uint32_t b, int count) const { return count + __popc(a ^ b); }
+};
 
 __global__ void binary_matmul_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b, int64_t M,
                                      int64_t N, int64_t W, int64_t k, const float* __restrict__ scale,
                                      bool scalar_scale, const float* __restrict__ bias, int32_t* __restrict__ out_int,
                                      float* __restrict__ out_float) {
-  __shared__ uint32_t a_tile[kTile][kWords + 1];  // +1: rows start in different banks
-  __shared__ uint32_t b_tile[kTile][kWords + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
+  __shared__ WordTile<uint32_t> a_tile, b_tile;
+  const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, n0 = static_cast<int64_t>(blockIdx.x) * kTile;
   int count[kPerThread][kPerThread] = {};
   for (int64_t w0 = 0; w0 < W; w0 += kWords) {
-    // 64 x 16 words per operand, 256 threads: 4 words each; words past the edges are 0 and count nothing
-    for (int e = tid; e < kTile * kWords; e += kThreads * kThreads) {
-      const int r = e / kWords, c = e % kWords;
-      const int64_t w = w0 + c;
-      a_tile[r][c] = (m0 + r < M && w < W) ? a[(m0 + r) * W + w] : 0u;
-      b_tile[r][c] = (n0 + r < N && w < W) ? b[(n0 + r) * W + w] : 0u;
-    }
+    stage_word_tiles(a, b, M, N, W, m0, n0, w0, a_tile, b_tile);  // words past the edges are 0: they count nothing
     __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kWords; ++c) {
-      uint32_t av[kPerThread], bv[kPerThread];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) av[i] = a_tile[ty + kThreads * i][c];
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) bv[j] = b_tile[tx + kThreads * j][c];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) count[i][j] += __popc(av[i] ^ bv[j]);
-    }
+    combine_word_tiles(a_tile, b_tile, count, PopcountXor{});
     __syncthreads();
   }
 #pragma unroll

@@ -7,21 +7,23 @@
 //    NaN), codes round(x / step) clamped to [-127, 127], zero-padded to Kp. The division and the rounding are the
 //    IEEE ones (__fdiv_rn, __float2int_rn: half to even), whatever --use_fast_math makes of `/`, so the codes are
 //    the CPU kernel's and the reference's.
-// 2. int8_matmul_kernel: a block of 16 x 16 threads computes a 64 x 64 tile of the output, 4 x 4 results per
-//    thread, the indices interleaved (thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j) so that a warp's
-//    shared-memory reads hit distinct banks or broadcast. Per step the block stages 64 rows x 16 words (64 codes)
-//    of both operands in shared memory, each word loaded once from global memory, coalesced along the row. A step
-//    adds at most 64 * 127 * 127 < 2^20 to a sum, so steps accumulate in int32 and are added into int64 totals:
-//    exact for any K, as the CPU kernel's.
+// 2. int8_matmul_kernel: the 64 x 64 tiles of word_tiles.cuh, each pair of words (four codes each) adding their
+//    __dp4a. A step of 16 words adds at most 64 * 127 * 127 < 2^20 to a sum, so steps accumulate in int32 and are
+//    added into int64 totals: exact for any K, as the CPU kernel's.
 #include <cstdint>
 
 #include <cuda_runtime.h>
+
+#include "cuda/word_tiles.cuh"
 
 namespace accel {
 namespace {
 
 constexpr int kRowThreads = 256;
-constexpr int kTile = 64, kThreads = 16, kPerThread = kTile / kThreads, kWords = 16;
+
+struct Dp4a {
+  __device__ int32_t operator()(int32_t a, int32_t b, int32_t sum) const { return __dp4a(a, b, sum); }
+};
 
 __global__ void quantize_rows_kernel(const float* __restrict__ x, int64_t K, int64_t Kp, int8_t* __restrict__ q,
                                      float* __restrict__ step) {
@@ -60,33 +62,15 @@ __global__ void int8_matmul_kernel(const int32_t* __restrict__ qx, const int32_t
                                    int64_t N, int64_t W, const float* __restrict__ step_x,
                                    const float* __restrict__ step_w, const float* __restrict__ bias,
                                    float* __restrict__ out) {
-  __shared__ int32_t a_tile[kTile][kWords + 1];  // +1: rows start in different banks
-  __shared__ int32_t b_tile[kTile][kWords + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
+  __shared__ WordTile<int32_t> a_tile, b_tile;
+  const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, n0 = static_cast<int64_t>(blockIdx.x) * kTile;
   int64_t total[kPerThread][kPerThread] = {};
   for (int64_t w0 = 0; w0 < W; w0 += kWords) {
-    // 64 x 16 words per operand, 256 threads: 4 words each; words past the edges are 0 and add nothing
-    for (int e = tid; e < kTile * kWords; e += kThreads * kThreads) {
-      const int r = e / kWords, c = e % kWords;
-      const int64_t w = w0 + c;
-      a_tile[r][c] = (m0 + r < M && w < W) ? qx[(m0 + r) * W + w] : 0;
-      b_tile[r][c] = (n0 + r < N && w < W) ? qw[(n0 + r) * W + w] : 0;
-    }
+    stage_word_tiles(qx, qw, M, N, W, m0, n0, w0, a_tile, b_tile);  // words past the edges are 0: they add nothing
     __syncthreads();
     int32_t sum[kPerThread][kPerThread] = {};
-#pragma unroll
-    for (int c = 0; c < kWords; ++c) {
-      int32_t av[kPerThread], bv[kPerThread];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) av[i] = a_tile[ty + kThreads * i][c];
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) bv[j] = b_tile[tx + kThreads * j][c];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) sum[i][j] = __dp4a(av[i], bv[j], sum[i][j]);
-    }
+    combine_word_tiles(a_tile, b_tile, sum, Dp4a{});
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i)
 #pragma unroll
