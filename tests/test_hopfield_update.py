@@ -37,20 +37,25 @@ def slow(q, k, v, beta, steps, mask=None, eps=None):
 @pytest.mark.parametrize("steps", range(6))
 @pytest.mark.parametrize("shared, masked", [(False, False), (True, True)])
 def test_matches_the_reference_by_the_numerics_rule(steps, shared, masked):
-    q, k, v = inputs(L=9, S=33, d=8, dv=5, shared=shared)
-    beta = torch.tensor(0.5, dtype=torch.float64)
-    mask = None
-    if masked:
-        blocked = torch.rand(9, 33) < 0.2
-        blocked[:, 0] = False
-        mask = reference.additive_mask(association_mask=blocked)
-    grad = torch.randn(2, 3, 9, 5, dtype=torch.float64)
-    got = run(fast, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps,
-              mask=None if mask is None else mask.float())
-    ref32 = run(slow, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps,
-                mask=None if mask is None else mask.float())
-    ref64 = run(slow, q, k, v, beta, grad, steps=steps, mask=mask)
-    for name, g, r32, r64 in zip(["out", "grad q", "grad k", "grad v", "grad beta"], got, ref32, ref64):
+    # Four independent problems, each output judged over all four: beta's gradient is one number per problem,
+    # and one float32 rounding of the reference is no yardstick for one number (over 40 draws the fast path's
+    # rms error equalled the reference's, yet one draw in eight failed the rule on its own).
+    got, ref32, ref64 = [], [], []
+    for _ in range(4):
+        q, k, v = inputs(L=9, S=33, d=8, dv=5, shared=shared)
+        beta = torch.tensor(0.5, dtype=torch.float64)
+        mask = None
+        if masked:
+            blocked = torch.rand(9, 33) < 0.2
+            blocked[:, 0] = False
+            mask = reference.additive_mask(association_mask=blocked)
+        grad = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+        mask32 = None if mask is None else mask.float()
+        got.append(run(fast, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps, mask=mask32))
+        ref32.append(run(slow, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps, mask=mask32))
+        ref64.append(run(slow, q, k, v, beta, grad, steps=steps, mask=mask))
+    for i, name in enumerate(["out", "grad q", "grad k", "grad v", "grad beta"]):
+        g, r32, r64 = (torch.stack([draw[i] for draw in runs]) for runs in (got, ref32, ref64))
         assert_by_rule(g, r32, r64, f"{name} at {steps} steps")
 
 
