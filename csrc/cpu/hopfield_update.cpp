@@ -3,19 +3,23 @@
 // Same computation as the op's PyTorch kernel, organised for the cache: one task per (batch, head), and
 // within it blocks of state patterns whose logits (rows x S) take at most kBlockElements values, so each
 // step's logits, softmax and products stay in cache instead of streaming the L x S tensor of all heads through
-// memory several times per step. The products are ATen's (MKL; one thread each inside the parallel loop);
-// everything between them is as few passes per row as the data allows:
+// memory several times per step. Each block runs on raw pointers: the products through cpublas::brgemm (one
+// thread each inside the parallel loop), everything between them in as few passes per row as the data allows:
 // - the forward's softmax: a max pass and one exp pass, with a vectorised exp for float32 (ATen's softmax took
 //   70% of a product's time at 256 x 1024 x 64, most of it in exp); its 1/sum scales the (rows, width) product;
 // - the backward rebuilds P from the logits and the saved row statistics in the pass that takes <P, dP>, then
 //   writes dS = P (dP - <P, dP>) in place in dP: two passes where recomputing the softmax took five;
+// - an update step's backward pairs its products: one for the logits and dP, [q_t; dq] k^T, one for both of
+//   k's gradient terms (see backward_impl);
 // - the stored patterns' gradients accumulate transposed, (d, S) += (n, d)^T (n, S): MKL runs that at
-//   37 GMAC/s against 27 for (S, d) += (n, S)^T (n, d) (PatternGradient).
+//   37 GMAC/s against 27 for (S, d) += (n, S)^T (n, d) (PatternGradient; at::addmm_, where brgemm's
+//   microkernel ran 0.6x MKL's at (64 x 512) (512 x 1024)).
 // Every reduction across tasks (beta's gradient, the gradient of stored patterns shared by the batch) goes
 // through per-task buffers summed in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -133,42 +137,77 @@ ACCEL_AVX2 void softmax_backward_row_avx2(float* p, float* dp, float top, float 
 // x <- e^(x - rowmax) over each row of the logits x (n, S) contiguous, in place; each row's statistics
 // (max, 1/sum) into stats (n, 2) and its 1/sum also into inv_sum (n).
 template <typename T>
-void exp_rows(const at::Tensor& x, T* stats, const at::Tensor& inv_sum) {
-  const int64_t n = x.size(0), S = x.size(1);
-  T* data = x.data_ptr<T>();
-  T* inv = inv_sum.data_ptr<T>();
+void exp_rows(T* x, int64_t n, int64_t S, T* stats, T* inv_sum) {
   for (int64_t r = 0; r < n; ++r) {
     std::pair<T, T> top_sum;
 #if defined(ACCEL_X86_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      top_sum = cpu_has_avx2() ? exp_row_avx2(data + r * S, S) : exp_row_portable(data + r * S, S);
+      top_sum = cpu_has_avx2() ? exp_row_avx2(x + r * S, S) : exp_row_portable(x + r * S, S);
     } else
 #endif
-      top_sum = exp_row_portable(data + r * S, S);
+      top_sum = exp_row_portable(x + r * S, S);
     stats[2 * r] = top_sum.first;
-    stats[2 * r + 1] = inv[r] = T(1) / top_sum.second;
+    stats[2 * r + 1] = inv_sum[r] = T(1) / top_sum.second;
   }
 }
 
 // From the logits (n, S) in p, dP (n, S) in dp, both contiguous, and the rows' statistics (n, 2): P into p and
 // the softmax's backward dS = P (dP - rowsum(dP P)) into dp.
 template <typename T>
-void softmax_backward_rows(const at::Tensor& p, const at::Tensor& dp, const T* stats) {
-  const int64_t n = p.size(0), S = p.size(1);
-  T* pd = p.data_ptr<T>();
-  T* dd = dp.data_ptr<T>();
+void softmax_backward_rows(T* p, T* dp, int64_t n, int64_t S, const T* stats) {
   for (int64_t r = 0; r < n; ++r) {
 #if defined(ACCEL_X86_AVX2)
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx2()) {
-        softmax_backward_row_avx2(pd + r * S, dd + r * S, stats[2 * r], stats[2 * r + 1], S);
+        softmax_backward_row_avx2(p + r * S, dp + r * S, stats[2 * r], stats[2 * r + 1], S);
         continue;
       }
     }
 #endif
-    softmax_backward_row_portable(pd + r * S, dd + r * S, stats[2 * r], stats[2 * r + 1], S);
+    softmax_backward_row_portable(p + r * S, dp + r * S, stats[2 * r], stats[2 * r + 1], S);
   }
 }
+
+// ---- Blocks of rows as raw row-major arrays ----
+//
+// A block's products and elementwise steps run on its buffers' pointers: through ATen, each block-step's dozen
+// calls (dispatch, shape checks, views, TensorIterator for n x d elements) took 10% of the forward's samples
+// (perf, L = S = 1024, d = 64), where SDPA's loop spends 5% outside its products and exponentials.
+
+// c (m, n) = a (m, k) b (k, n), with a and c row-major (leading dimensions lda, ldc) and b of strides (b_row,
+// b_col). float with a row-major b goes to cpublas::brgemm (oneDNN's microkernel where the CPU has one, else
+// MKL's sgemm) from the pointers; the rest (double, k^T as a view) through at::mm_out.
+template <typename T>
+void matmul(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t b_row, int64_t b_col, T* c,
+            int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {  // (brgemm fails on an empty width)
+    if (b_col == 1 && m > 0 && n > 0 && k > 0)
+      return at::native::cpublas::brgemm(m, n, k, lda, b_row, ldc, false, a, b, c, false);
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  at::mm_out(out, at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options),
+             at::from_blob(const_cast<T*>(b), {k, n}, {b_row, b_col}, options));
+}
+
+// A (rows, width) row-major block as a tensor, for the ATen calls that remain (masks, the stopping rule, the
+// stored patterns' gradients).
+template <typename T>
+at::Tensor block(T* data, int64_t rows, int64_t width) {
+  return at::from_blob(data, {rows, width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void scale_into(T* out, const T* x, T factor, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = x[i] * factor;
+}
+
+template <typename T>
+void scale_rows(T* x, const T* factors, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; ++c) x[r * width + c] *= factors[r];
+}
+
 // ---- Per (batch, head) ----
 
 // The (L, S) mask of one (batch, head), a view of the broadcasting (B', H', L', S') additive mask.
@@ -197,13 +236,16 @@ struct Head {
         v(v_all.select(0, v_all.size(0) == 1 ? 0 : b).select(0, h)),
         mask(head_mask(mask_all, b, h, L, k.size(0))) {}
 
-  // The logits beta q k^T + mask of a block of rows q (n, d), into p (n, S); beta q into scaled (n, d), which
-  // the backward reuses.
+  // The logits (beta q) k^T + mask of n rows from row r0, from beta q in scaled (n, d), into p (n, S).
   template <typename T>
-  void logits(const at::Tensor& q, T beta, int64_t r0, const at::Tensor& scaled, const at::Tensor& p) const {
-    at::mul_out(const_cast<at::Tensor&>(scaled), q, beta);  // beta scales the n x d side, not the n x S one
-    at::mm_out(const_cast<at::Tensor&>(p), scaled, kt);
-    if (mask.has_value()) p.add_(mask->narrow(0, r0, p.size(0)));
+  void logits(const T* scaled, int64_t n, int64_t r0, T* p) const {
+    matmul<T>(n, kt.size(1), kt.size(0), scaled, kt.size(0), kt.data_ptr<T>(), kt.stride(0), kt.stride(1), p,
+              kt.size(1));
+    add_mask(p, n, r0);
+  }
+  template <typename T>
+  void add_mask(T* p, int64_t n, int64_t r0) const {
+    if (mask.has_value()) block(p, n, kt.size(1)).add_(mask->narrow(0, r0, n));
   }
 };
 
@@ -217,53 +259,67 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
                   beta.scalar_type() == q.scalar_type(), "hopfield_update: q, k, v and beta must share a dtype");
 }
 
+// Where the rows from r0 of (batch b, head h) start in x (B, H, L, width), or in step t of x (steps, B, H, L, width),
+// both contiguous.
+template <typename T>
+T* rows_at(const at::Tensor& x, int64_t b, int64_t h, int64_t r0) {
+  return x.data_ptr<T>() + ((b * x.size(1) + h) * x.size(2) + r0) * x.size(3);
+}
+template <typename T>
+T* rows_at(const at::Tensor& x, int64_t t, int64_t b, int64_t h, int64_t r0) {
+  return x.data_ptr<T>() + (((t * x.size(1) + b) * x.size(2) + h) * x.size(3) + r0) * x.size(4);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, T beta, int64_t steps,
                   const std::optional<at::Tensor>& mask, std::optional<double> eps, bool return_association,
                   const at::Tensor& out, const at::Tensor& assoc, const at::Tensor& saved_q,
                   const at::Tensor& stats, const at::Tensor& taken) {
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2), dv = v.size(3);
   const int64_t rows = block_rows(L, S);
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    at::NoGradGuard no_grad_here;  // grad mode is per thread
+    // Below autograd and the view tracking, per thread: the ATen calls in here are kernels' insides
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto p_buffer = at::empty({rows, S}, q.options());
-    auto q_buffer = at::empty({2, rows, d}, q.options());
     auto scaled_buffer = at::empty({rows, d}, q.options());
     auto inv_sum_buffer = at::empty({rows}, q.options());
+    T* const p = p_buffer.data_ptr<T>();
+    T* const scaled = scaled_buffer.data_ptr<T>();
+    T* const inv_sum = inv_sum_buffer.data_ptr<T>();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const Head head(k, v, mask, b, h, L);
       for (int64_t r0 = 0; r0 < L; r0 += rows) {
         const int64_t n = std::min(rows, L - r0);
-        auto rows_of = [&](const at::Tensor& x) { return x.select(0, b).select(0, h).narrow(0, r0, n); };
-        const auto p = p_buffer.narrow(0, 0, n), scaled = scaled_buffer.narrow(0, 0, n);
-        const auto inv_sum = inv_sum_buffer.narrow(0, 0, n);
-        auto qt = q_buffer.select(0, 0).narrow(0, 0, n), q_next = q_buffer.select(0, 1).narrow(0, 0, n);
-        qt.copy_(rows_of(q));
-        auto active = at::ones({n}, q.options().dtype(at::kBool));
-        at::Tensor previous;
+        // q_t is step t of saved_q: each update writes q_{t+1} there
+        std::copy_n(rows_at<T>(q, b, h, r0), n * d, rows_at<T>(saved_q, 0, b, h, r0));
+        at::Tensor active, previous;  // the stopping rule's state
+        if (eps.has_value()) active = at::ones({n}, q.options().dtype(at::kBool));
         for (int64_t t = 0; t <= steps; ++t) {
-          rows_of(saved_q.select(0, t)).copy_(qt);
-          head.logits<T>(qt, beta, r0, scaled, p);
-          exp_rows<T>(p, rows_of(stats.select(0, t)).template data_ptr<T>(), inv_sum);
+          T* const qt = rows_at<T>(saved_q, t, b, h, r0);
+          scale_into(scaled, qt, beta, n * d);  // beta scales the n x d side, not the n x S one
+          head.logits(scaled, n, r0, p);
+          exp_rows<T>(p, n, S, rows_at<T>(stats, t, b, h, r0), inv_sum);
           // P = diag(1/sum) E: the 1/sum scales the (n, width) product, unless P itself is needed
           const bool retrieval = t == steps, need_p = retrieval ? return_association : eps.has_value();
-          if (need_p) p.mul_(inv_sum.unsqueeze(1));
-          auto product = retrieval ? rows_of(out) : q_next;
-          at::mm_out(product, p, retrieval ? head.v : head.k);
-          if (!need_p) product.mul_(inv_sum.unsqueeze(1));
+          if (need_p) scale_rows(p, inv_sum, n, S);
+          const int64_t width = retrieval ? dv : d;
+          T* const product = retrieval ? rows_at<T>(out, b, h, r0) : rows_at<T>(saved_q, t + 1, b, h, r0);
+          matmul<T>(n, width, S, p, S, (retrieval ? head.v : head.k).template data_ptr<T>(), width, 1, product, width);
+          if (!need_p) scale_rows(product, inv_sum, n, width);
           if (retrieval) {
-            if (return_association) rows_of(assoc).copy_(p);
+            if (return_association) std::copy_n(p, n * S, rows_at<T>(assoc, b, h, r0));
             break;
           }
           if (eps.has_value()) {  // the row's last update changed its association by less than eps
+            const auto p_now = block(p, n, S);
             if (previous.defined())
-              active &= at::linalg_vector_norm(p - previous, 2, at::IntArrayRef{-1}, false, std::nullopt) >= *eps;
-            previous = p.clone();
-            q_next.copy_(at::where(active.unsqueeze(-1), q_next, qt));
+              active &= at::linalg_vector_norm(p_now - previous, 2, at::IntArrayRef{-1}, false, std::nullopt) >= *eps;
+            previous = p_now.clone();
+            auto q_next = block(product, n, d);
+            q_next.copy_(at::where(active.unsqueeze(-1), q_next, block(qt, n, d)));
+            block(taken.data_ptr<int64_t>() + (b * H + h) * L + r0, 1, n).add_(active);
           }
-          rows_of(taken).add_(active);
-          std::swap(qt, q_next);
         }
       }
     }
@@ -280,7 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2), dv = v.size(3);
   auto saved_q = at::empty({steps + 1, B, H, L, d}, q.options());
   auto stats = at::empty({steps + 1, B, H, L, 2}, q.options());
-  auto taken = at::zeros({B, H, L}, q.options().dtype(at::kLong));
+  // updates taken per row: all of them without the stopping rule, else counted as the rows go
+  auto taken = at::full({B, H, L}, eps.has_value() ? 0 : steps, q.options().dtype(at::kLong));
   auto out = at::empty({B, H, L, dv}, q.options());
   auto assoc = return_association ? at::empty({B, H, L, S}, q.options()) : q.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hopfield_update", [&] {
@@ -317,14 +374,21 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor
                    const at::Tensor& grad_v, const at::Tensor& grad_beta) {
   const int64_t steps = saved_q.size(0) - 1;
   const int64_t B = grad_q.size(0), H = grad_q.size(1), L = grad_q.size(2), d = grad_q.size(3);
-  const int64_t S = k.size(2);
+  const int64_t S = k.size(2), dv = v.size(3);
   const int64_t rows = block_rows(L, S);
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    at::NoGradGuard no_grad_here;  // grad mode is per thread
-    auto p_buffer = at::empty({rows, S}, grad_q.options());
-    auto ds_buffer = at::empty({rows, S}, grad_q.options());
-    auto scaled_buffer = at::empty({rows, d}, grad_q.options());
+    // Below autograd and the view tracking, per thread: the ATen calls in here are kernels' insides
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // y = [p; ds] (2n, S): the logits, then P, in p; dP, then dS, in ds. x = [dq; scaled; dq] (3n, d): beta q_t
+    // in the middle, an update step's incoming gradient on both sides. So an update step's products pair up:
+    // x[n:3n] k^T = [logits; dP] is one product, and x[0:2n]^T y = dq^T P + (beta q_t)^T dS, k's two gradient
+    // terms, another.
+    auto y_buffer = at::empty({2 * rows, S}, grad_q.options());
+    auto x_buffer = at::empty({3 * rows, d}, grad_q.options());
     auto ds_k_buffer = at::empty({rows, d}, grad_q.options());
+    auto dq_buffer = at::empty({rows, d}, grad_q.options());
+    T* const ds_k = ds_k_buffer.data_ptr<T>();
+    T* const dq = dq_buffer.data_ptr<T>();  // the gradient of q_t, from step t on
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const Head head(k, v, mask, b, h, L);
@@ -334,40 +398,47 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor
       double gbeta = 0;
       for (int64_t r0 = 0; r0 < L; r0 += rows) {
         const int64_t n = std::min(rows, L - r0);
-        auto rows_of = [&](const at::Tensor& x) { return x.select(0, b).select(0, h).narrow(0, r0, n); };
-        const auto p = p_buffer.narrow(0, 0, n), ds = ds_buffer.narrow(0, 0, n);
-        const auto scaled = scaled_buffer.narrow(0, 0, n);
-        auto ds_k = ds_k_buffer.narrow(0, 0, n);
-        // step t's logits into p, and beta q_t into `scaled`
-        auto logits = [&](int64_t t) { head.logits<T>(rows_of(saved_q.select(0, t)), beta, r0, scaled, p); };
-        // p holds the logits and ds dP on entry. P into p, and with logits = beta q_t k^T + mask:
-        // dS = P (dP - rowsum(dP P)) into ds; then beta's gradient sum dS o (q_t k^T) = sum q_t . (dS k), k's
-        // beta dS^T q_t, and q_t's beta dS k (returned).
+        T* const p = y_buffer.data_ptr<T>();
+        T* const ds = p + n * S;
+        T* const x = x_buffer.data_ptr<T>();
+        T* const scaled = x + n * d;
+        const int64_t* const rows_taken = taken.data_ptr<int64_t>() + (b * H + h) * L + r0;
+        // From P in p and dS in ds, the softmax's backward of the logits = beta q_t k^T + mask: beta's gradient
+        // sum dS o (q_t k^T) = sum q_t . (dS k), and q_t's beta dS k, into dq for the rows still updating at
+        // step t (the rows that had stopped carry their dq through).
         auto logits_backward = [&](int64_t t) {
-          softmax_backward_rows<T>(p, ds, rows_of(stats.select(0, t)).template data_ptr<T>());
-          at::mm_out(ds_k, ds, head.k);
-          gbeta += at::sum(rows_of(saved_q.select(0, t)) * ds_k, at::kDouble).template item<double>();
-          gk.add(scaled, ds);
-          return ds_k * beta;
+          matmul<T>(n, d, S, ds, S, head.k.template data_ptr<T>(), d, 1, ds_k, d);
+          const T* const qt = rows_at<T>(saved_q, t, b, h, r0);
+          for (int64_t j = 0; j < n * d; ++j) gbeta += static_cast<double>(qt[j]) * static_cast<double>(ds_k[j]);
+          for (int64_t r = 0; r < n; ++r)
+            if (t == steps || rows_taken[r] > t) scale_into(dq + r * d, ds_k + r * d, beta, d);
         };
-        const auto g = rows_of(grad);
-        logits(steps);  // the retrieval out = P_T V
-        at::mm_out(const_cast<at::Tensor&>(ds), g, vt);
-        auto dq = logits_backward(steps);
-        gv.add(g, p);
-        const auto rows_taken = rows_of(taken);
-        const bool stopping = (rows_taken < steps).any().template item<bool>();
+        // the retrieval out = P_T V: its dP = grad v^T, k's gradient (beta q_T)^T dS, v's P^T grad
+        T* const g = rows_at<T>(grad, b, h, r0);
+        scale_into(scaled, rows_at<T>(saved_q, steps, b, h, r0), beta, n * d);
+        head.logits(scaled, n, r0, p);
+        matmul<T>(n, S, dv, g, dv, vt.template data_ptr<T>(), vt.stride(0), vt.stride(1), ds, S);
+        softmax_backward_rows<T>(p, ds, n, S, rows_at<T>(stats, steps, b, h, r0));
+        logits_backward(steps);
+        gk.add(block(scaled, n, d), block(ds, n, S));
+        gv.add(block(g, n, dv), block(p, n, S));
         for (int64_t t = steps - 1; t >= 0; --t) {
-          // q_{t+1} = P_t k for the rows still updating at step t; the rows that had stopped carry dq through
-          const auto active = (rows_taken > t).unsqueeze(-1);
-          const auto dq_next = stopping ? at::where(active, dq, at::zeros({}, dq.options())) : dq;
-          logits(t);
-          at::mm_out(const_cast<at::Tensor&>(ds), dq_next, head.kt);
-          auto dq_t = logits_backward(t);
-          gk.add(dq_next, p);
-          dq = stopping ? at::where(active, dq_t, dq) : dq_t;
+          // q_{t+1} = P_t k for the rows still updating at step t: their dq goes into both dq slots of x
+          for (int64_t r = 0; r < n; ++r) {
+            T* const slot = x + r * d;
+            if (rows_taken[r] > t) std::copy_n(dq + r * d, d, slot);
+            else std::fill_n(slot, d, T(0));
+            std::copy_n(slot, d, slot + 2 * n * d);
+          }
+          scale_into(scaled, rows_at<T>(saved_q, t, b, h, r0), beta, n * d);
+          matmul<T>(2 * n, S, d, scaled, d, head.kt.template data_ptr<T>(), head.kt.stride(0), head.kt.stride(1), p,
+                    S);
+          head.add_mask(p, n, r0);
+          softmax_backward_rows<T>(p, ds, n, S, rows_at<T>(stats, t, b, h, r0));
+          logits_backward(t);
+          gk.add(block(x, 2 * n, d), block(p, 2 * n, S));
         }
-        rows_of(grad_q).copy_(dq);
+        std::copy_n(dq, n * d, rows_at<T>(grad_q, b, h, r0));
       }
       gk.finish(gk_out);
       gv.finish(gv_out);
@@ -389,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_beta = at::empty({B, H}, q.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hopfield_update_backward", [&] {
     backward_impl<scalar_t>(grad.contiguous(), k, v, beta.item<scalar_t>(), mask, saved_q.contiguous(),
-                            stats.contiguous(), taken, grad_q, grad_k, grad_v, grad_beta);
+                            stats.contiguous(), taken.contiguous(), grad_q, grad_k, grad_v, grad_beta);
   });
   if (k.size(0) == 1 && B != 1) {
     grad_k = grad_k.sum(0, true);
