@@ -90,6 +90,16 @@ class Settings:
 # The machine
 
 
+# Environment variables that hold PyTorch's libraries (ATen's kernels, MKL, oneDNN, FBGEMM) to an older
+# instruction set, e.g. to time on an AVX-512 machine what an AVX2 one would run. They change every peer's
+# kernels, so they are recorded and name the results file apart.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_limits() -> dict[str, str]:
+    return {name: os.environ[name] for name in ISA_LIMITS if name in os.environ}
+
+
 def machine_info(device: torch.device) -> dict:
     """What the numbers depend on: hardware, thread count, versions, and how busy the machine was."""
     info = {
@@ -104,6 +114,8 @@ def machine_info(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": _loadavg(),
     }
+    if device.type == "cpu" and isa_limits():
+        info["isa_limits"] = isa_limits()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -132,8 +144,11 @@ def keep_freed_memory() -> str:
 
 
 def machine_slug(device: torch.device) -> str:
-    """File-name stem for a machine's results, e.g. ``amd-epyc-2c`` or ``nvidia-h100-80gb-hbm3``."""
+    """File-name stem for a machine's results, e.g. ``amd-epyc-2c``, ``intel-xeon-processor-2c-isa-limited`` (run
+    under ISA_LIMITS) or ``nvidia-h100-80gb-hbm3``."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_model()} {core_count()}c"
+    if device.type == "cpu" and isa_limits():
+        name += " isa limited"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

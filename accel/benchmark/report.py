@@ -82,6 +82,8 @@ def machine_section(machine: str, run: dict, png: str | None) -> str:
         f"copy {limits.get('copy_Bps', limits['bandwidth_Bps']) / 1e9:.1f}, read {limits.get('read_Bps', 0) / 1e9:.1f} GB/s), "
         f"sgemm {limits['flops_per_s'] / 1e9:.1f} GFLOP/s ({limits['flops_probe']})",
         *([f"- allocator: {info['allocator']}"] if "allocator" in info else []),
+        *([f"- instruction sets held back: `{' '.join(f'{k}={v}' for k, v in info['isa_limits'].items())}`"]
+          if info.get("isa_limits") else []),
         f"- load average at start / end: {_fmt_load(load[0])} / {_fmt_load(load[1])}; run took {run['wall_s']:.0f} s",
         f"- command: `{run['command']}`",
         "",
