@@ -205,3 +205,12 @@ def test_hopfield_energy_op_matches_the_definition_and_has_gradients():
     assert torch.autograd.gradcheck(lambda a, b: hopfield_energy(a, b, 1.7), leaves)
     with pytest.raises(ValueError, match="`X` must have shape"):
         hopfield_energy(xi, X[..., :3], 1.0)
+
+
+def test_no_state_patterns_give_zero_pattern_gradients(poisoned_outputs):
+    # no block of rows runs, so no product ever writes the stored patterns' gradients: they must still be zeros
+    q = torch.randn(1, 2, 0, 4, requires_grad=True)
+    k, v = torch.randn(1, 2, 5, 4, requires_grad=True), torch.randn(1, 2, 5, 3, requires_grad=True)
+    grads = torch.autograd.grad(hopfield_update(q, k, v, 0.5, 2), (q, k, v), torch.ones(1, 2, 0, 3))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -363,20 +363,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
 // Adds left^T right to the gradient of one head's stored patterns or values, for left (n, w) and right (n, S):
 // into its transposed (w, S) buffer when there are many rows (see the file's comment), else straight into the
 // (S, w) gradient (pooling: one row against S = 100k, where transposing the buffer back would cost more than the
-// products).
+// products). The first product writes instead of adding to zeros: at S = 100k each pass over the gradient is as
+// much traffic as a pass over the stored patterns.
 struct PatternGradient {
   at::Tensor transposed, direct;
+  bool written = false;
 
   PatternGradient(const at::Tensor& grad, int64_t L) {
-    if (L >= kCopyRows) transposed = at::zeros({grad.size(1), grad.size(0)}, grad.options());
-    else direct = grad.zero_();
+    if (L >= kCopyRows) transposed = at::empty({grad.size(1), grad.size(0)}, grad.options());
+    else direct = grad;
   }
   void add(const at::Tensor& left, const at::Tensor& right) {
-    if (transposed.defined()) transposed.addmm_(left.t(), right);
-    else direct.addmm_(right.t(), left);
+    auto& out = transposed.defined() ? transposed : direct;
+    const auto& a = transposed.defined() ? left.t() : right.t();
+    const auto& b = transposed.defined() ? right : left;
+    if (written) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+    written = true;
   }
   void finish(const at::Tensor& grad) const {
-    if (transposed.defined()) grad.copy_(transposed.t());
+    if (!written) grad.zero_();
+    else if (transposed.defined()) grad.copy_(transposed.t());
   }
 };
 
