@@ -34,29 +34,53 @@ def slow(q, k, v, beta, steps, mask=None, eps=None):
     return reference.hopfield_update(q, k, v, beta, steps, mask=mask, eps=eps)[0]
 
 
-@pytest.mark.parametrize("steps", range(6))
-@pytest.mark.parametrize("shared, masked", [(False, False), (True, True)])
-def test_matches_the_reference_by_the_numerics_rule(steps, shared, masked):
-    # Four independent problems, each output judged over all four: beta's gradient is one number per problem,
-    # and one float32 rounding of the reference is no yardstick for one number (over 40 draws the fast path's
-    # rms error equalled the reference's, yet one draw in eight failed the rule on its own).
+def assert_matches_over_draws(steps, B=2, H=3, L=9, S=33, d=8, dv=5, shared=False, masked=False, draws=4,
+                              factors=None):
+    """Float32 outputs and gradients against the float64 reference by the numerics rule, each judged over
+    `draws` independent problems: beta's gradient is one number per problem, and one float32 rounding of the
+    reference is no yardstick for one number (over 40 draws the fast path's rms error equalled the reference's,
+    yet one draw in eight failed the rule on its own). `factors`: the rule's factor by output, 2 where not given."""
     got, ref32, ref64 = [], [], []
-    for _ in range(4):
-        q, k, v = inputs(L=9, S=33, d=8, dv=5, shared=shared)
+    for _ in range(draws):
+        q, k, v = inputs(B=B, H=H, L=L, S=S, d=d, dv=dv, shared=shared)
         beta = torch.tensor(0.5, dtype=torch.float64)
         mask = None
         if masked:
-            blocked = torch.rand(9, 33) < 0.2
+            blocked = torch.rand(L, S) < 0.2
             blocked[:, 0] = False
             mask = reference.additive_mask(association_mask=blocked)
-        grad = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+        grad = torch.randn(B, H, L, dv, dtype=torch.float64)
         mask32 = None if mask is None else mask.float()
         got.append(run(fast, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps, mask=mask32))
         ref32.append(run(slow, q.float(), k.float(), v.float(), beta.float(), grad.float(), steps=steps, mask=mask32))
         ref64.append(run(slow, q, k, v, beta, grad, steps=steps, mask=mask))
     for i, name in enumerate(["out", "grad q", "grad k", "grad v", "grad beta"]):
         g, r32, r64 = (torch.stack([draw[i] for draw in runs]) for runs in (got, ref32, ref64))
-        assert_by_rule(g, r32, r64, f"{name} at {steps} steps")
+        assert_by_rule(g, r32, r64, f"{name} at {steps} steps", (factors or {}).get(name, 2.0))
+
+
+@pytest.mark.parametrize("steps", range(6))
+@pytest.mark.parametrize("shared, masked", [(False, False), (True, True)])
+def test_matches_the_reference_by_the_numerics_rule(steps, shared, masked):
+    assert_matches_over_draws(steps, shared=shared, masked=masked)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_many_rows_in_several_blocks_match_the_reference(masked):
+    # 300 rows against 1000 stored patterns: k^T is copied (at least 64 rows), the rows run in blocks of 262 (the
+    # last one short), and the stored patterns' gradients accumulate transposed. Wider factors: three softmaxes
+    # and products and their backward compose, and over a thousand nearly uniform weights the kernel's float32
+    # sums lose more than the reference's (MKL's products, torch's cascade sum): 1.2-2.8x its error for the
+    # outputs and q, k, v's gradients, 5-6x for beta's (one sum over every logit; 7x before the products moved
+    # from at::mm to brgemm). The xfail below is the same at S = 5000, judged by the rule's factor 2.
+    factors = {"out": 4.0, "grad q": 4.0, "grad k": 4.0, "grad v": 4.0, "grad beta": 8.0}
+    assert_matches_over_draws(2, B=1, H=2, L=300, S=1000, d=8, dv=5, masked=masked, draws=2, factors=factors)
+
+
+@pytest.mark.xfail(strict=True, reason="known: with thousands of nearly uniform weights the kernel's float32 "
+                   "sums lose 2-3x more than the reference's (MKL's) per step, and the steps compound")
+def test_thousands_of_stored_patterns_match_the_reference():
+    assert_matches_over_draws(2, B=1, H=2, L=130, S=5000, d=8, dv=5, draws=2)
 
 
 def test_gradcheck_with_masks_padding_shared_patterns_and_stopping():

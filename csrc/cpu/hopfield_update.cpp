@@ -98,6 +98,10 @@ ACCEL_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(poly, _mm256_castsi256_ps(two_n)), keep);
 }
 
+// A row's sums run in partials of kSumBlock values, each then added to the row's total: float32 rounding then
+// grows with S / kSumBlock + kSumBlock / 8 terms per lane instead of S / 8.
+constexpr int64_t kSumBlock = 256;
+
 ACCEL_AVX2 std::pair<float, float> exp_row_avx2(float* x, int64_t S) {
   const int64_t S8 = S - S % 8;
   __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -106,10 +110,14 @@ ACCEL_AVX2 std::pair<float, float> exp_row_avx2(float* x, int64_t S) {
   for (int64_t i = S8; i < S; ++i) top = std::max(top, x[i]);
   const __m256 top_v = _mm256_set1_ps(top);
   __m256 sum8 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < S8; i += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), top_v));
-    _mm256_storeu_ps(x + i, e);
-    sum8 = _mm256_add_ps(sum8, e);
+  for (int64_t i0 = 0; i0 < S8; i0 += kSumBlock) {
+    __m256 part = _mm256_setzero_ps();
+    for (int64_t i = i0; i < std::min(S8, i0 + kSumBlock); i += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), top_v));
+      _mm256_storeu_ps(x + i, e);
+      part = _mm256_add_ps(part, e);
+    }
+    sum8 = _mm256_add_ps(sum8, part);
   }
   float sum = horizontal_sum(sum8);
   for (int64_t i = S8; i < S; ++i) sum += (x[i] = std::exp(x[i] - top));
@@ -120,10 +128,14 @@ ACCEL_AVX2 void softmax_backward_row_avx2(float* p, float* dp, float top, float 
   const int64_t S8 = S - S % 8;
   const __m256 top_v = _mm256_set1_ps(top), inv_v = _mm256_set1_ps(inv_sum);
   __m256 dot8 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < S8; i += 8) {
-    const __m256 e = _mm256_mul_ps(exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), top_v)), inv_v);
-    _mm256_storeu_ps(p + i, e);
-    dot8 = _mm256_fmadd_ps(e, _mm256_loadu_ps(dp + i), dot8);
+  for (int64_t i0 = 0; i0 < S8; i0 += kSumBlock) {
+    __m256 part = _mm256_setzero_ps();
+    for (int64_t i = i0; i < std::min(S8, i0 + kSumBlock); i += 8) {
+      const __m256 e = _mm256_mul_ps(exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), top_v)), inv_v);
+      _mm256_storeu_ps(p + i, e);
+      part = _mm256_fmadd_ps(e, _mm256_loadu_ps(dp + i), part);
+    }
+    dot8 = _mm256_add_ps(dot8, part);
   }
   float dot = horizontal_sum(dot8);
   for (int64_t i = S8; i < S; ++i) dot += (p[i] = std::exp(p[i] - top) * inv_sum) * dp[i];
@@ -177,12 +189,21 @@ void softmax_backward_rows(T* p, T* dp, int64_t n, int64_t S, const T* stats) {
 // c (m, n) = a (m, k) b (k, n), with a and c row-major (leading dimensions lda, ldc) and b of strides (b_row,
 // b_col). float with a row-major b goes to cpublas::brgemm (oneDNN's microkernel where the CPU has one, else
 // MKL's sgemm) from the pointers; the rest (double, k^T as a view) through at::mm_out.
+// brgemm sums the whole reduction in registers, so float32 rounding grows with its length (S in the products
+// against the stored patterns); it runs over blocks of kReductionBlock instead, each added to c, as MKL's sgemm
+// blocks it.
+constexpr int64_t kReductionBlock = 256;
+
 template <typename T>
 void matmul(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t b_row, int64_t b_col, T* c,
             int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {  // (brgemm fails on an empty width)
-    if (b_col == 1 && m > 0 && n > 0 && k > 0)
-      return at::native::cpublas::brgemm(m, n, k, lda, b_row, ldc, false, a, b, c, false);
+    if (b_col == 1 && m > 0 && n > 0 && k > 0) {
+      for (int64_t k0 = 0; k0 < k; k0 += kReductionBlock)
+        at::native::cpublas::brgemm(m, n, std::min(kReductionBlock, k - k0), lda, b_row, ldc, k0 > 0, a + k0,
+                                    b + k0 * b_row, c, false);
+      return;
+    }
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto out = at::from_blob(c, {m, n}, {ldc, 1}, options);
