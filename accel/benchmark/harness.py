@@ -114,8 +114,8 @@ def machine_info(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": _loadavg(),
     }
-    if device.type == "cpu" and isa_limits():
-        info["isa_limits"] = isa_limits()
+    if device.type == "cpu" and (limits := isa_limits()):
+        info["isa_limits"] = limits
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

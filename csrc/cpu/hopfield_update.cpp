@@ -270,11 +270,16 @@ struct Head {
         v(v_all.select(0, v_all.size(0) == 1 ? 0 : b).select(0, h)),
         mask(head_mask(mask_all, b, h, L, k.size(0))) {}
 
+  // out (rows, S) = left (rows, d) k^T
+  template <typename T>
+  void times_kt(const T* left, int64_t rows, T* out) const {
+    matmul<T>(rows, kt.size(1), kt.size(0), left, kt.size(0), kt.data_ptr<T>(), kt.stride(0), kt.stride(1), out,
+              kt.size(1));
+  }
   // The logits (beta q) k^T + mask of n rows from row r0, from beta q in scaled (n, d), into p (n, S).
   template <typename T>
   void logits(const T* scaled, int64_t n, int64_t r0, T* p) const {
-    matmul<T>(n, kt.size(1), kt.size(0), scaled, kt.size(0), kt.data_ptr<T>(), kt.stride(0), kt.stride(1), p,
-              kt.size(1));
+    times_kt(scaled, n, p);
     add_mask(p, n, r0);
   }
   template <typename T>
@@ -472,8 +477,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& k, const at::Tensor
             std::copy_n(slot, d, slot + 2 * n * d);
           }
           scale_into(scaled, rows_at<T>(saved_q, t, b, h, r0), beta, n * d);
-          matmul<T>(2 * n, S, d, scaled, d, head.kt.template data_ptr<T>(), head.kt.stride(0), head.kt.stride(1), p,
-                    S);
+          head.times_kt(scaled, 2 * n, p);  // [logits; dP], the mask added to the logits
           head.add_mask(p, n, r0);
           softmax_backward_rows<T>(p, ds, n, S, rows_at<T>(stats, t, b, h, r0));
           logits_backward(t);
