@@ -94,6 +94,22 @@ def test_weight_only_int4_keeps_float_accuracy_over_a_wide_range():
     assert not got[3].isfinite().any()
 
 
+@pytest.mark.parametrize("group_size", [256, 512])
+def test_weight_only_int4_at_the_bounds_of_the_int16_sums(group_size):
+    """Activations of magnitude 1 with the codes at 0 and 15 where they are negative and positive: every product of
+    a code by an activation's leading digit (127) is at its largest, so the AVX2 path's int16 sums over 256 codes
+    come near their bound (16 * 8 * 127 as centred sums, 8 * 3810 of 32767 for the uncentred pairs)."""
+    K, N = 1024, 4
+    signs = torch.randint(0, 2, (2, K)).float() * 2 - 1
+    x = signs.clone()
+    w = torch.stack([signs[0], signs[1], -signs[0], signs[0] * signs[1]])  # codes 0 and 15 only
+    qw = quantize(w, 4, group_size, "minmax")
+    assert set(unpack_codes(qw).unique().tolist()) == {0, 15}
+    got = quant_matmul(x, qw)
+    w_hat = dequantize(qw)
+    assert_by_rule(got, x @ w_hat.T, x.double() @ w_hat.double().T, "int4 at the bounds")
+
+
 def test_other_combinations_dequantize():
     x, w = torch.randn(3, 70), torch.randn(4, 70)
     qw = quantize(w, 2, 64, "minmax")

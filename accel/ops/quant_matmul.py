@@ -47,7 +47,7 @@ def quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None = None
     if qweight.bits == 8 and qweight.scheme == "symmetric" and one_group:
         out = torch.ops.accel.int8_linear(rows, qweight.codes, qweight.step[:, 0], bias)
     elif qweight.bits == 4 and qweight.scheme == "minmax":
-        padded = F.pad(rows, (0, Kp - rows.shape[1]))
+        padded = rows if Kp == rows.shape[1] else F.pad(rows, (0, Kp - rows.shape[1]))
         out = torch.ops.accel.int4_linear(padded, qweight.codes, qweight.step, qweight.offset, qweight.group_size, bias)
     else:
         out = F.linear(rows, dequantize(qweight), None if bias is None else bias.float())

@@ -133,9 +133,8 @@ void int8_row(const Int8Operands& g, int64_t m0, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) int8_tile<MR, 1>(g, m0, n);
 }
 
-// The largest |x| of a row; a NaN stays (std::max would drop it), so its row's output is NaN.
-// Written as a max and a NaN flag so that the clones vectorize it.
-ACCEL_CPU_CLONES float abs_max(const float* row, int64_t n) {
+// The largest |x| of a row; a NaN stays (a max alone would drop it), so its row's output is NaN.
+float abs_max_portable(const float* row, int64_t n) {
   float top = 0.0f;
   bool nan = false;
   for (int64_t k = 0; k < n; ++k) {
@@ -144,6 +143,33 @@ ACCEL_CPU_CLONES float abs_max(const float* row, int64_t n) {
     nan |= a != a;
   }
   return nan ? std::numeric_limits<float>::quiet_NaN() : top;
+}
+
+#if defined(ACCEL_X86_AVX2)
+// The same in vectors (GCC does not vectorize the max reduction above without -ffast-math): vmaxps drops NaN as
+// the reduction goes on, so a second vector flags the unordered lanes.
+ACCEL_AVX2 float abs_max_avx2(const float* row, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+    top = _mm256_max_ps(top, a);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  const float tail = abs_max_portable(row + k, n - k);
+  if (_mm256_movemask_ps(unordered) != 0 || tail != tail) return std::numeric_limits<float>::quiet_NaN();
+  return std::max(tail, *std::max_element(lanes, lanes + 8));
+}
+#endif
+
+float abs_max(const float* row, int64_t n) {
+#if defined(ACCEL_X86_AVX2)
+  if (cpu_has_avx2()) return abs_max_avx2(row, n);
+#endif
+  return abs_max_portable(row, n);
 }
 
 // Codes of one row with step s > 0 (cloned for AVX2, where the loop vectorizes).
@@ -209,7 +235,7 @@ struct Int4Operands {
   int64_t Kp, G, N;
   // the AVX2 path's activations, from split_rows
   const int8_t* digits;   // (M, 3 Kp)
-  const int32_t* centre;  // (M, blocks, 2, 8)
+  const int16_t* centre;  // (M, blocks, 3, 16): the int16 sums' start values, h, m, l
   const double* unit;     // (M,)
 };
 
@@ -232,6 +258,22 @@ void int4_row_portable(const Int4Operands& g, int64_t m, int64_t n) {
     y += s * dot + centred_offset(g.offset[n * groups + q], s) * g.xsum[m * groups + q];
   }
   g.out[m * g.N + n] = g.bias ? y + g.bias[n] : y;
+}
+
+// The sums of x (M, Kp) over each group of G (a multiple of 32), (M, Kp / G): accumulated in double, four
+// independent partial sums (one chain waited on each add's latency), one rounding to float.
+at::Tensor group_sums(const at::Tensor& x, int64_t G) {
+  const int64_t M = x.size(0), Kp = x.size(1);
+  auto sums = at::empty({M, Kp / G}, x.options());
+  const float* xd = x.data_ptr<float>();
+  float* out = sums.data_ptr<float>();
+  for (int64_t g = 0; g < M * (Kp / G); ++g) {
+    double partial[4] = {};
+    for (int64_t k = 0; k < G; k += 4)
+      for (int p = 0; p < 4; ++p) partial[p] += xd[g * G + k + p];
+    out[g] = static_cast<float>((partial[0] + partial[1]) + (partial[2] + partial[3]));
+  }
+  return sums;
 }
 
 // Several rows of x make the product compute-bound, where the byte kernel's three digits per activation cost more
@@ -285,8 +327,10 @@ void int4_linear_panels(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // 32-47 of the chunk) and high nibbles (16-31, 48-63) are the two operands; the digits are stored permuted to
 // match, h then m then l per chunk. A group of 32 (mod 64) codes ends in a 32-code chunk, in natural order.
 // vpmaddubsw pairs reach 2 * 15 * 127 = 3810, so int16 lanes take 4 chunks (256 codes, a "block") before vpmaddwd
-// widens them to int32. Per block the int32 lanes are centred exactly, sum (q - 8) d = sum q d - 8 sum d with
-// sum d per lane precomputed per row (`centre`), which keeps them below 2^24, so their conversion to float is exact.
+// widens them to int32. The sums are centred exactly, sum (q - 8) d = sum q d - 8 sum d: each int16 lane starts at
+// -8 times the sum of the digits it will receive (`centre`, per row and block), so the block ends with no
+// subtraction. Every partial sum is sum (q - 8) d over the bytes added so far plus -8 d over the rest, at most
+// 16 * 8 * 127 in magnitude. Widened, the int32 lanes stay below 2^24, so their conversion to float is exact.
 constexpr int64_t kDigitBlock = 256;
 constexpr float kDigitBase = 254.0f;
 
@@ -299,33 +343,60 @@ ACCEL_AVX2 inline float horizontal_sum_ps(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+ACCEL_AVX2 inline __m256i load_bytes(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// The digits of 16 consecutive activations src[0..16), scaled by `scale`, into h, m and l (16 bytes each): in
+// double, four at a time (vroundpd rounds half to even, as std::nearbyint does).
+ACCEL_AVX2 inline void split16(const float* src, __m256d scale, int8_t* h, int8_t* m, int8_t* l) {
+  const __m256d base = _mm256_set1_pd(kDigitBase);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m128i hi[4], mid[4], lo[4];
+  for (int v = 0; v < 4; ++v) {
+    const __m256d x = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(src + 4 * v)), scale);
+    const __m256d top = _mm256_round_pd(x, kNearest);
+    const __m256d r = _mm256_mul_pd(_mm256_sub_pd(x, top), base);
+    const __m256d middle = _mm256_round_pd(r, kNearest);
+    hi[v] = _mm256_cvtpd_epi32(top);
+    mid[v] = _mm256_cvtpd_epi32(middle);
+    lo[v] = _mm256_cvtpd_epi32(_mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(r, middle), base), kNearest));
+  }
+  auto store = [](const __m128i (&q)[4], int8_t* out) {  // 16 int32 in [-127, 127] to bytes
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_packs_epi16(_mm_packs_epi32(q[0], q[1]), _mm_packs_epi32(q[2], q[3])));
+  };
+  store(hi, h);
+  store(mid, m);
+  store(lo, l);
+}
+
 // The digits of codes [k0, k0 + length) of a row (a chunk), into d (3 length bytes: h, m, l), in the order the
-// kernel reads them (`permuted`: a 64-code chunk, vector bytes 0-31 the low nibbles, 32-63 the high ones), and
-// 8 times their sums into the chunk's block's centring lanes c (16: h, then 254 m + l). Built for AVX2 so that
-// std::nearbyint is one vroundsd, not a libm call per digit.
-ACCEL_AVX2 void split_chunk(const float* row, double scale, int64_t k0, int64_t length, bool permuted, int8_t* d,
-                            int32_t* c) {
-  for (int64_t p = 0; p < length; ++p) {
-    const int64_t b = p % 32, k = permuted ? (b < 16 ? b : b + 16) + (p < 32 ? 0 : 16) : p;
-    const double v = row[k0 + k] * scale;
-    const double hi = std::nearbyint(v), r = (v - hi) * kDigitBase;
-    const double mid = std::nearbyint(r), lo = std::nearbyint((r - mid) * kDigitBase);
-    d[p] = static_cast<int8_t>(hi);
-    d[length + p] = static_cast<int8_t>(mid);
-    d[2 * length + p] = static_cast<int8_t>(lo);
-    c[b / 4] += 8 * static_cast<int32_t>(hi);  // b / 4: the int32 lane vpmaddwd sums this byte into
-    c[8 + b / 4] += 8 * (static_cast<int32_t>(kDigitBase) * static_cast<int32_t>(mid) + static_cast<int32_t>(lo));
+// kernel reads them (a 64-code chunk: vector bytes 0-31 the low nibbles, codes 0-15 and 32-47, then the high
+// ones, 16-31 and 48-63; a 32-code chunk in natural order); -8 times the digits each of the kernel's int16 lanes
+// receives goes into the chunk's block's start values c (3 x 16: h, m, l).
+ACCEL_AVX2 void split_chunk(const float* row, double scale, int64_t k0, int64_t length, int8_t* d, int16_t* c) {
+  static constexpr int kPermuted[4] = {0, 2, 1, 3};  // the 16-code run each 16 bytes of a 64-code chunk hold
+  const __m256d s = _mm256_set1_pd(scale);
+  for (int64_t run = 0; run < length / 16; ++run) {
+    const int64_t from = 16 * (length == 64 ? kPermuted[run] : run);
+    split16(row + k0 + from, s, d + 16 * run, d + length + 16 * run, d + 2 * length + 16 * run);
+  }
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int digit = 0; digit < 3; ++digit) {
+    __m256i start = load_bytes(c + 16 * digit);
+    for (int64_t part = 0; part < length; part += 32)  // vpmaddubsw pairs bytes into the lanes, as the kernel does
+      start = _mm256_sub_epi16(start, _mm256_maddubs_epi16(eight, load_bytes(d + digit * length + part)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 16 * digit), start);
   }
 }
 
 // x's rows as digits and centring lanes; rows that are all zero get unit 0, rows with NaN or Inf unit NaN (the
 // caller computes those with the float path).
-void split_rows(const at::Tensor& x, int64_t G, const at::Tensor& digits, std::vector<int32_t>& centre,
+void split_rows(const at::Tensor& x, int64_t G, const at::Tensor& digits, std::vector<int16_t>& centre,
                 std::vector<double>& unit) {
   const int64_t M = x.size(0), Kp = x.size(1), blocks = (Kp / G) * blocks_per_group(G);
   const float* xd = x.data_ptr<float>();
   digits.zero_();  // rows that are all zero, NaN or Inf keep zero digits
-  centre.assign(M * blocks * 16, 0);
+  centre.assign(M * blocks * 48, 0);
   unit.assign(M, 0.0);
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -341,88 +412,137 @@ void split_rows(const at::Tensor& x, int64_t G, const at::Tensor& digits, std::v
         for (int64_t k0 = q0; k0 < q0 + G; k0 += 64) {
           const int64_t block = (k0 / G) * blocks_per_group(G) + (k0 % G) / kDigitBlock;
           const int64_t length = std::min<int64_t>(64, q0 + G - k0);
-          split_chunk(row, 127.0 / top, k0, length, length == 64, digits.data_ptr<int8_t>() + m * 3 * Kp + 3 * k0,
-                      centre.data() + (m * blocks + block) * 16);
+          split_chunk(row, 127.0 / top, k0, length, digits.data_ptr<int8_t>() + m * 3 * Kp + 3 * k0,
+                      centre.data() + (m * blocks + block) * 48);
         }
       }
     }
   });
 }
 
-ACCEL_AVX2 inline __m256i load_bytes(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
-// Adds a chunk's products into the int16 sums of MR rows x NR channels: codes[j] are channel j's code vectors
-// (two for a 64-code chunk, one for 32), d[i] row i's digits of the chunk (h, m, l; `length` bytes each).
-template <int MR, int NR, int PARTS>
-ACCEL_AVX2 inline void add_chunk(const __m256i (&codes)[NR][PARTS], const int8_t* const (&d)[MR], int64_t length,
-                                 __m256i (&sums)[MR][NR][3]) {
+// An empty asm that takes the sums as register operands: without it, once a block's chunks unroll, GCC reassociates
+// the int16 adds into a tree that computes every product first and spills them to the stack.
+template <int MR, int NR>
+ACCEL_AVX2 inline void keep_in_registers(__m256i (&sums)[MR][NR][3]) {
   for (int i = 0; i < MR; ++i)
-    for (int digit = 0; digit < 3; ++digit)
-      for (int part = 0; part < PARTS; ++part) {
-        const __m256i v = load_bytes(d[i] + digit * length + part * 32);
-        for (int j = 0; j < NR; ++j)
-          sums[i][j][digit] = _mm256_add_epi16(sums[i][j][digit], _mm256_maddubs_epi16(codes[j][part], v));
-      }
+    for (int j = 0; j < NR; ++j)
+      for (int digit = 0; digit < 3; ++digit) __asm__("" : "+x"(sums[i][j][digit]));
 }
 
-// MR rows of x (as digits) against NR output channels from n0: per block, the int16 sums of every chunk, then
-// their exact centred int32 lanes, scaled by the group's step into float sums; the offsets' part is a vector dot
-// product of each channel's offsets and the rows' sums of x. Two channels per row of x at M = 1 give two
-// independent streams of weights and load each digit once for both.
+// Adds one 64-code chunk's products into the int16 sums of MR rows x NR channels: w[j] points at channel j's 32
+// bytes of the chunk, d[i] at row i's digits of it (h, m, l; 64 bytes each). Part by part (low nibbles, then high
+// ones), so that only NR code vectors are live: with all of them and the sums, 2 x 1 tiles spilled registers.
+template <int MR, int NR>
+ACCEL_AVX2 inline void add_chunk64(const uint8_t* const (&w)[NR], const int8_t* const (&d)[MR],
+                                   __m256i (&sums)[MR][NR][3]) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int part = 0; part < 2; ++part) {
+    __m256i codes[NR];
+    for (int j = 0; j < NR; ++j) {
+      const __m256i bytes = load_bytes(w[j]);  // the second part reads them again, from L1
+      codes[j] = _mm256_and_si256(part == 0 ? bytes : _mm256_srli_epi16(bytes, 4), low);
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int digit = 0; digit < 3; ++digit) {
+        const __m256i v = load_bytes(d[i] + digit * 64 + part * 32);
+        for (int j = 0; j < NR; ++j)
+          sums[i][j][digit] = _mm256_add_epi16(sums[i][j][digit], _mm256_maddubs_epi16(codes[j], v));
+      }
+    keep_in_registers(sums);
+  }
+}
+
+// The same for a 32-code chunk (a group's last, when its size is 32 mod 64): 16 bytes per channel, low nibbles in
+// the vector's lower half and high ones in the upper, 32 digit bytes each of h, m, l.
+template <int MR, int NR>
+ACCEL_AVX2 inline void add_chunk32(const uint8_t* const (&w)[NR], const int8_t* const (&d)[MR],
+                                   __m256i (&sums)[MR][NR][3]) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256i codes[NR];
+  for (int j = 0; j < NR; ++j) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j]));
+    codes[j] = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1),
+                                low);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int digit = 0; digit < 3; ++digit) {
+      const __m256i v = load_bytes(d[i] + digit * 32);
+      for (int j = 0; j < NR; ++j)
+        sums[i][j][digit] = _mm256_add_epi16(sums[i][j][digit], _mm256_maddubs_epi16(codes[j], v));
+    }
+}
+
+// The int16 sums of one block of a group (`length` codes; BLOCK when it is not 0, so that the chunk loop unrolls
+// for groups of 128), added to each row's start values, widened to int32, scaled by the group's steps into y.
+template <int MR, int NR, int BLOCK>
+ACCEL_AVX2 inline void add_block(const float* const (&group_step)[NR], int64_t length,
+                                 const uint8_t* (&w)[NR], const int8_t* (&d)[MR], const int16_t* (&centre)[MR],
+                                 __m256 (&y)[MR][NR]) {
+  if (BLOCK) length = BLOCK;
+  for (int64_t line = 0; line < length / 2; line += 64)  // the block's lines of the next tile's weights
+    for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w[j] + line) + kPrefetchBytes, _MM_HINT_T0);
+  __m256i sums[MR][NR][3];
+  for (int i = 0; i < MR; ++i)
+    for (int digit = 0; digit < 3; ++digit) {
+      const __m256i start = load_bytes(centre[i] + 16 * digit);
+      for (int j = 0; j < NR; ++j) sums[i][j][digit] = start;
+    }
+  int64_t k = 0;
+  for (; k + 64 <= length; k += 64) {
+    add_chunk64<MR, NR>(w, d, sums);
+    for (int j = 0; j < NR; ++j) w[j] += 32;
+    for (int i = 0; i < MR; ++i) d[i] += 3 * 64;
+  }
+  if (k < length) {
+    add_chunk32<MR, NR>(w, d, sums);
+    for (int j = 0; j < NR; ++j) w[j] += 16;
+    for (int i = 0; i < MR; ++i) d[i] += 3 * 32;
+  }
+  const __m256i ones = _mm256_set1_epi16(1), base = _mm256_set1_epi16(static_cast<int16_t>(kDigitBase));
+  for (int i = 0; i < MR; ++i) {
+    centre[i] += 48;
+    for (int j = 0; j < NR; ++j) {
+      const __m256i high = _mm256_madd_epi16(sums[i][j][0], ones);
+      const __m256i rest = _mm256_add_epi32(_mm256_madd_epi16(sums[i][j][1], base), _mm256_madd_epi16(sums[i][j][2], ones));
+      const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_set1_ps(kDigitBase * kDigitBase),
+                                         _mm256_cvtepi32_ps(rest));
+      y[i][j] = _mm256_fmadd_ps(sum, _mm256_broadcast_ss(group_step[j]), y[i][j]);
+    }
+  }
+}
+
+// MR rows of x (as digits) against NR output channels from n0, block by block (add_block); the offsets' part is a
+// vector dot product of each channel's offsets and the rows' sums of x. Two channels per row of x at M = 1 give
+// two independent streams of weights and load each digit once for both. The weights and digits are walked by
+// pointers, read in order: index arithmetic on signed k (k / 2) took a sixth of the loop's instructions.
 template <int MR, int NR>
 ACCEL_AVX2 void int4_tile_avx2(const Int4Operands& g, int64_t m0, int64_t n0) {
-  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  const __m256i base = _mm256_set1_epi16(static_cast<int16_t>(kDigitBase));
-  const __m256 base2 = _mm256_set1_ps(kDigitBase * kDigitBase);
   const int64_t groups = g.Kp / g.G, blocks = groups * blocks_per_group(g.G);
   const uint8_t* w[NR];
-  for (int j = 0; j < NR; ++j) w[j] = g.w + (n0 + j) * (g.Kp / 2);
+  const float* group_step[NR];  // the current group's step of each channel
+  for (int j = 0; j < NR; ++j) {
+    w[j] = g.w + (n0 + j) * (g.Kp / 2);
+    group_step[j] = g.step + (n0 + j) * groups;
+  }
+  const int8_t* d[MR];
+  const int16_t* centre[MR];
+  for (int i = 0; i < MR; ++i) {
+    d[i] = g.digits + (m0 + i) * 3 * g.Kp;
+    centre[i] = g.centre + (m0 + i) * blocks * 48;
+  }
   __m256 y[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) y[i][j] = _mm256_setzero_ps();
-  int64_t block = 0;
-  for (int64_t q = 0; q < groups; ++q) {
-    for (int64_t b0 = q * g.G; b0 < (q + 1) * g.G; b0 += kDigitBlock, ++block) {
-      const int64_t b1 = std::min((q + 1) * g.G, b0 + kDigitBlock);
-      __m256i sums[MR][NR][3];
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) sums[i][j][0] = sums[i][j][1] = sums[i][j][2] = _mm256_setzero_si256();
-      int64_t k = b0;
-      const int8_t* d[MR];
-      for (; k + 64 <= b1; k += 64) {
-        __m256i codes[NR][2];
-        for (int j = 0; j < NR; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(w[j] + k / 2) + kPrefetchBytes, _MM_HINT_T0);
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k / 2));
-          codes[j][0] = _mm256_and_si256(bytes, low);
-          codes[j][1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-        }
-        for (int i = 0; i < MR; ++i) d[i] = g.digits + (m0 + i) * 3 * g.Kp + 3 * k;
-        add_chunk<MR, NR, 2>(codes, d, 64, sums);
-      }
-      if (k < b1) {  // a 32-code chunk: low nibbles in the lower half, high nibbles in the upper
-        __m256i codes[NR][1];
-        for (int j = 0; j < NR; ++j) {
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k / 2));
-          codes[j][0] = _mm256_and_si256(
-              _mm256_inserti128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low);
-        }
-        for (int i = 0; i < MR; ++i) d[i] = g.digits + (m0 + i) * 3 * g.Kp + 3 * k;
-        add_chunk<MR, NR, 1>(codes, d, 32, sums);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const int32_t* c = g.centre + ((m0 + i) * blocks + block) * 16;
-        const __m256i centre_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
-        const __m256i centre_rest = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8));
-        for (int j = 0; j < NR; ++j) {
-          const __m256i high = _mm256_sub_epi32(_mm256_madd_epi16(sums[i][j][0], ones), centre_h);
-          const __m256i rest = _mm256_sub_epi32(
-              _mm256_add_epi32(_mm256_madd_epi16(sums[i][j][1], base), _mm256_madd_epi16(sums[i][j][2], ones)),
-              centre_rest);
-          const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), base2, _mm256_cvtepi32_ps(rest));
-          y[i][j] = _mm256_fmadd_ps(sum, _mm256_set1_ps(g.step[(n0 + j) * groups + q]), y[i][j]);
-        }
-      }
+  if (g.G == 128) {  // one loop per case, so that y stays in registers
+    for (int64_t q = 0; q < groups; ++q) {
+      add_block<MR, NR, 128>(group_step, 128, w, d, centre, y);
+      for (int j = 0; j < NR; ++j) ++group_step[j];
+    }
+  } else {
+    for (int64_t q = 0; q < groups; ++q) {
+      for (int64_t b0 = 0; b0 < g.G; b0 += kDigitBlock)
+        add_block<MR, NR, 0>(group_step, std::min(kDigitBlock, g.G - b0), w, d, centre, y);
+      for (int j = 0; j < NR; ++j) ++group_step[j];
     }
   }
   const int64_t groups8 = groups - groups % 8;
@@ -472,7 +592,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
     int4_linear_panels(x, w, step, offset, group_size, bias, out);
     return out;
   }
-  const auto xsum = x.view({M, groups, group_size}).sum(-1).contiguous();
+  const auto xsum = group_sums(x, group_size);
   Int4Operands g{x.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<uint8_t>(), step.data_ptr<float>(),
                  offset.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
                  out.data_ptr<float>(), Kp, group_size, N, nullptr, nullptr, nullptr};
@@ -486,7 +606,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const
     // ATen's buffers start on 64 bytes, so no 32-byte load of digits straddles two cache lines (a std::vector's
     // 16-byte start made half of them do so, and the kernel's loop 1.7x slower with the weights in L1)
     const auto digits = at::empty({M, 3 * Kp}, x.options().dtype(at::kChar));
-    std::vector<int32_t> centre;
+    std::vector<int16_t> centre;
     std::vector<double> unit;
     split_rows(x, group_size, digits, centre, unit);
     g.digits = digits.data_ptr<int8_t>(), g.centre = centre.data(), g.unit = unit.data();
