@@ -62,10 +62,10 @@ def test_int8_rows_that_are_zero_or_nan():
 
 
 # group sizes 96 and 288 end each group on a 32-code chunk, 288 also spans two 256-code blocks of the AVX2 path;
-# from 24 rows the CPU kernel dequantizes blocks of 256 channels and lets MKL multiply
+# from 32 rows the CPU kernel dequantizes blocks of 256 channels and lets MKL multiply
 @pytest.mark.parametrize("M, N, K, group_size", [(1, 3, 32, 32), (5, 17, 300, 64), (4, 9, 1024, 128), (6, 2, 40, 32),
                                                  (3, 5, 576, 96), (2, 3, 600, 288),
-                                                 (24, 300, 256, 64)])
+                                                 (23, 4, 256, 64), (32, 300, 256, 64)])
 def test_weight_only_int4_by_the_numerics_rule(M, N, K, group_size):
     x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     qw = quantize(w, 4, group_size, "minmax")

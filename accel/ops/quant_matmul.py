@@ -6,7 +6,7 @@
 - 4 bits, minmax groups (weight-only): float32 activations against the 4-bit codes (torch.ops.accel.int4_linear);
   the CPU kernel multiplies the codes as bytes against each activation split into three int8 digits, exact to
   6e-8 of the row's largest value, so the result keeps float32 accuracy (the activations are not quantized);
-  from 24 rows, where the product is compute-bound, it dequantizes blocks of 256 channels and lets MKL multiply.
+  from 32 rows, where the product is compute-bound, it dequantizes blocks of 256 channels and lets MKL multiply.
 - Other combinations (2 bits, symmetric 4-bit groups, grouped int8): dequantized to float32 and multiplied by
   torch, correct but with no speed-up.
 Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); Triton on CUDA (kernels/quant_matmul.py, tested under the
