@@ -61,6 +61,7 @@ class Case:
     sweeps: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
     compile: bool = True  # False: no torch.compile(reference) (e.g. an adaptive solver, whose host syncs break graphs)
+    compile_options: dict | None = None  # torch.compile's `options` (Inductor settings) for the compiled reference
     # info(name, fn, inputs): an implementation's extra numbers (e.g. {"nfe": 38}), recorded and shown beside its times
     info: Callable[[str, Callable, tuple], dict] | None = None
 
@@ -227,7 +228,8 @@ def roofline_seconds(case: Case, pass_: str, limits: dict) -> float:
 def implementations(case: Case) -> dict[str, Callable]:
     """fast, eager, compiled, then the peers. The compiled reference is made fresh for each case, with
     static shapes, so no case sees another case's graph or a dynamic-shape recompile."""
-    compiled = {"compiled": torch.compile(case.reference, dynamic=False)} if case.compile else {}
+    compiled = {"compiled": torch.compile(case.reference, dynamic=False, options=case.compile_options)} \
+        if case.compile else {}
     return {"fast": case.fast, "eager": case.reference, **compiled, **case.peers}
 
 
