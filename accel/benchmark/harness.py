@@ -61,7 +61,6 @@ class Case:
     sweeps: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
     compile: bool = True  # False: no torch.compile(reference) (e.g. an adaptive solver, whose host syncs break graphs)
-    compile_options: dict | None = None  # torch.compile's `options` (Inductor settings) for the compiled reference
     # info(name, fn, inputs): an implementation's extra numbers (e.g. {"nfe": 38}), recorded and shown beside its times
     info: Callable[[str, Callable, tuple], dict] | None = None
 
@@ -117,6 +116,8 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cpu" and (limits := isa_limits()):
         info["isa_limits"] = limits
+    if options := inductor_options(device):
+        info["inductor_options"] = options
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -225,10 +226,21 @@ def roofline_seconds(case: Case, pass_: str, limits: dict) -> float:
 # Implementations and the steps that are timed
 
 
-def implementations(case: Case) -> dict[str, Callable]:
+def inductor_options(device: torch.device) -> dict | None:
+    """torch.compile's Inductor options for the compiled references: on a CPU where Inductor would generate
+    AVX-512 code, AVX2 code (256-bit vectors), as accel's own CPU kernels are. torch 2.13's AVX-512 code corrupted
+    the heap and aborted the run on an Intel Xeon with AVX-512 and AMX, in two cases of plain PyTorch: the Hopfield
+    loop at B=8 L=S=1024, 3 steps, and the int8 fake-quantized Linear at M=1, K=N=4096; with 256-bit vectors
+    both run. (ATEN_CPU_CAPABILITY=avx2 holds Inductor to AVX2 as well.)"""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return {"cpp.simdlen": 256}
+    return None
+
+
+def implementations(case: Case, device: torch.device) -> dict[str, Callable]:
     """fast, eager, compiled, then the peers. The compiled reference is made fresh for each case, with
     static shapes, so no case sees another case's graph or a dynamic-shape recompile."""
-    compiled = {"compiled": torch.compile(case.reference, dynamic=False, options=case.compile_options)} \
+    compiled = {"compiled": torch.compile(case.reference, dynamic=False, options=inductor_options(device))} \
         if case.compile else {}
     return {"fast": case.fast, "eager": case.reference, **compiled, **case.peers}
 
@@ -338,7 +350,7 @@ def prepare(case: Case, device: torch.device) -> Prepared:
     with torch.no_grad():
         expected = case.reference(*inputs)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(device, expected.dtype)
-    return Prepared(inputs, implementations(case), expected, grad_out)
+    return Prepared(inputs, implementations(case, device), expected, grad_out)
 
 
 def run_case(case: Case, device: torch.device, settings: Settings, limits: dict,

@@ -25,18 +25,8 @@ def _sdpa_loop(q, k, v, beta, steps):
     return F.scaled_dot_product_attention(q, k, v, scale=beta)
 
 
-def _inductor_held_to_avx2(device: torch.device) -> dict | None:
-    """Inductor's options for the compiled reference: on a CPU where it would generate AVX-512 code, AVX2 code
-    (256-bit vectors) instead. With AVX-512, torch 2.13's compiled loop corrupts the heap at the retrieval shape
-    (B=8, L=S=1024, 3 steps; plain PyTorch does it too) and aborts the run; with 256-bit vectors it runs."""
-    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return {"cpp.simdlen": 256}
-    return None
-
-
-def _case(name: str, B: int, H: int, L: int, S: int, d: int, steps: int, device: torch.device) -> Case:
+def _case(name: str, B: int, H: int, L: int, S: int, d: int, steps: int) -> Case:
     beta = d ** -0.5
-    compile_options = _inductor_held_to_avx2(device)
 
     def setup(device: torch.device):
         gen = torch.Generator().manual_seed(0)
@@ -48,8 +38,7 @@ def _case(name: str, B: int, H: int, L: int, S: int, d: int, steps: int, device:
     return Case(
         name=name,
         op="hopfield_update",
-        shape=f"B={B} H={H} L={L} S={S} d={d} steps={steps}"
-              + ("; torch.compile generates AVX2 code (cpp.simdlen=256)" if compile_options else ""),
+        shape=f"B={B} H={H} L={L} S={S} d={d} steps={steps}",
         setup=setup,
         fast=lambda q, k, v: hopfield_update(q, k, v, beta, steps),
         reference=lambda q, k, v: reference.hopfield_update(q, k, v, beta, steps)[0],
@@ -60,12 +49,11 @@ def _case(name: str, B: int, H: int, L: int, S: int, d: int, steps: int, device:
         size=B * H * L * S,
         sweeps=("association",),
         params={"B": B, "H": H, "L": L, "S": S, "d": d, "steps": steps},
-        compile_options=compile_options,
     )
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
     """The retrieval and pooling settings; --quick: a smaller retrieval."""
     if quick:
-        return [_case("retrieval_quick", 2, 8, 1024, 1024, 64, 1, device)]
-    return [_case("retrieval", 8, 8, 1024, 1024, 64, 3, device), _case("pooling", 4, 8, 1, 100_000, 32, 1, device)]
+        return [_case("retrieval_quick", 2, 8, 1024, 1024, 64, 1)]
+    return [_case("retrieval", 8, 8, 1024, 1024, 64, 3), _case("pooling", 4, 8, 1, 100_000, 32, 1)]

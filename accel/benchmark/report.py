@@ -84,6 +84,8 @@ def machine_section(machine: str, run: dict, png: str | None) -> str:
         *([f"- allocator: {info['allocator']}"] if "allocator" in info else []),
         *([f"- instruction sets held back: `{' '.join(f'{k}={v}' for k, v in info['isa_limits'].items())}`"]
           if info.get("isa_limits") else []),
+        *([f"- torch.compile's Inductor options: `{info['inductor_options']}` (AVX2 code: its AVX-512 code corrupted "
+           "the heap, see `accel.benchmark.harness.inductor_options`)"] if info.get("inductor_options") else []),
         f"- load average at start / end: {_fmt_load(load[0])} / {_fmt_load(load[1])}; run took {run['wall_s']:.0f} s",
         f"- command: `{run['command']}`",
         "",

@@ -534,7 +534,8 @@ ACCEL_AVX2 inline void add_block(const float* const (&group_step)[NR], int64_t l
     centre[i] += 48;
     for (int j = 0; j < NR; ++j) {
       const __m256i high = _mm256_madd_epi16(sums[i][j][0], ones);
-      const __m256i rest = _mm256_add_epi32(_mm256_madd_epi16(sums[i][j][1], base), _mm256_madd_epi16(sums[i][j][2], ones));
+      const __m256i rest =
+          _mm256_add_epi32(_mm256_madd_epi16(sums[i][j][1], base), _mm256_madd_epi16(sums[i][j][2], ones));
       const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_set1_ps(kDigitBase * kDigitBase),
                                          _mm256_cvtepi32_ps(rest));
       y[i][j] = _mm256_fmadd_ps(sum, _mm256_broadcast_ss(group_step[j]), y[i][j]);
