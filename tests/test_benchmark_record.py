@@ -24,7 +24,6 @@ def test_isa_limits_are_recorded_reported_and_name_the_results_apart(monkeypatch
     assert "instruction sets held back: `MKL_ENABLE_INSTRUCTIONS=AVX2`" in report.machine_section("m", run, None)
 
 
-
 def test_compiled_references_get_avx2_code_where_inductor_would_use_avx512(monkeypatch):
     """torch 2.13's Inductor, generating AVX-512 code, corrupted the heap on two references: there the harness hands
     torch.compile 256-bit vectors and the report says so; elsewhere it leaves torch.compile alone."""
