@@ -64,18 +64,6 @@ void softmax_backward_row_portable(T* p, T* dp, T top, T inv_sum, int64_t S) {
 }
 
 #if defined(ACCEL_X86_AVX2)
-ACCEL_AVX2 inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-ACCEL_AVX2 inline float horizontal_max(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
 // e^x for x <= 0 (a logit minus its row's maximum or log-sum-exp), within 2 ulp: x = n ln 2 + r with
 // |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like minimax polynomial (Cephes' expf), 2^n put into the exponent
 // bits. Below -87.3, where e^x leaves the normal floats, the result is 0; a NaN stays NaN.

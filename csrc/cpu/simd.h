@@ -67,6 +67,21 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+#if defined(ACCEL_X86_AVX2)
+// The sum and the maximum of a vector's eight floats.
+ACCEL_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+ACCEL_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
