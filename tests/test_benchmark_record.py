@@ -7,6 +7,14 @@ from accel.benchmark import harness, report
 CPU = torch.device("cpu")
 
 
+def report_section(info: dict) -> str:
+    """The report's section for a run on a machine described by ``info``, with made-up limits and no results."""
+    limits = {"bandwidth_Bps": 1e10, "bandwidth_probe": "copy", "copy_Bps": 1e10, "read_Bps": 1e10,
+              "flops_per_s": 1e11, "flops_probe": "sgemm"}
+    run = {"machine": {**info, "loadavg_end": 0.0}, "limits": limits, "results": [], "command": "bench", "wall_s": 1.0}
+    return report.machine_section("m", run, None)
+
+
 def test_isa_limits_are_recorded_reported_and_name_the_results_apart(monkeypatch):
     for name in harness.ISA_LIMITS:
         monkeypatch.delenv(name, raising=False)
@@ -18,10 +26,7 @@ def test_isa_limits_are_recorded_reported_and_name_the_results_apart(monkeypatch
     info = harness.machine_info(CPU)
     assert info["isa_limits"] == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
-    limits = {"bandwidth_Bps": 1e10, "bandwidth_probe": "copy", "copy_Bps": 1e10, "read_Bps": 1e10,
-              "flops_per_s": 1e11, "flops_probe": "sgemm"}
-    run = {"machine": {**info, "loadavg_end": 0.0}, "limits": limits, "results": [], "command": "bench", "wall_s": 1.0}
-    assert "instruction sets held back: `MKL_ENABLE_INSTRUCTIONS=AVX2`" in report.machine_section("m", run, None)
+    assert "instruction sets held back: `MKL_ENABLE_INSTRUCTIONS=AVX2`" in report_section(info)
 
 
 def test_compiled_references_get_avx2_code_where_inductor_would_use_avx512(monkeypatch):
@@ -37,7 +42,4 @@ def test_compiled_references_get_avx2_code_where_inductor_would_use_avx512(monke
         assert seen.pop()["options"] == options
         info = harness.machine_info(CPU)
         assert info.get("inductor_options") == options
-        limits = {"bandwidth_Bps": 1e10, "bandwidth_probe": "copy", "flops_per_s": 1e11, "flops_probe": "sgemm"}
-        run = {"machine": {**info, "loadavg_end": 0.0}, "limits": limits, "results": [], "command": "bench",
-               "wall_s": 1.0}
-        assert ("cpp.simdlen" in report.machine_section("m", run, None)) == (options is not None)
+        assert ("cpp.simdlen" in report_section(info)) == (options is not None)
