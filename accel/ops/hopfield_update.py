@@ -5,9 +5,10 @@ Flow: hopfield_update (checks, masks) -> torch.ops.accel.hopfield_update, which 
 the backward needs: the state pattern q_t of every step and its softmax's row statistics, the maximum and 1/sum
 (O(steps L d), not O(steps L S); their log-sum-exps max - log(1/sum) also give the energy trace), and how many
 updates each row took. The backward is the op accel::hopfield_update_backward: it rebuilds each step's
-association from them in one pass, P = exp(beta q_t k^T + mask - max) / sum, as the forward had it (rebuilding
-it as exp(logits - lse) instead doubles P's float32 error: lse's rounding error scales with |lse|), and runs
-the steps backwards. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
+association from them, P = exp(beta q_t k^T + mask - max) normalised by its own row sum, and runs the steps
+backwards. The recomputed logits need not round as the forward's did (a product of the same operands may round
+otherwise the second time), so neither the forward's 1/sum nor its log-sum-exp normalises them: with either,
+a sharp row's largest weight carries the logits' whole rounding error, which grows with |logits|. Both run over blocks of whole rows, so at most one block's L x S logits exist at a time.
 The kernels: on the CPU, C++ (csrc/cpu/hopfield_update.cpp: one task per head, blocks of rows whose logits stay
 in cache); on CUDA, Triton (kernels/hopfield_update.py) where it covers the call: a forward that runs all steps
 in registers with an online softmax, and a FlashAttention-2 style backward, per step one kernel over blocks of
@@ -228,9 +229,9 @@ def _backward(grad, q, k, v, beta, mask, saved_q, stats, taken):
             return beta * ds_k
 
         def association(t):
-            """P of step t, rebuilt from q_t and its row statistics."""
-            top, inv_sum = stats[t, :, :, rows, 0:1], stats[t, :, :, rows, 1:2]
-            return torch.exp(_logits(saved_q[t, :, :, rows], kt, beta, m) - top) * inv_sum
+            """P of step t, rebuilt from q_t, shifted by its row maximum and normalised by its own sum."""
+            e = torch.exp(_logits(saved_q[t, :, :, rows], kt, beta, m) - stats[t, :, :, rows, 0:1])
+            return e / e.sum(-1, keepdim=True)
 
         # the retrieval out = P_T V
         g = grad[:, :, rows]

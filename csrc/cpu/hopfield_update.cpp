@@ -7,8 +7,8 @@
 // thread each inside the parallel loop), everything between them in as few passes per row as the data allows:
 // - the forward's softmax: a max pass and one exp pass, with a vectorised exp for float32 (ATen's softmax took
 //   70% of a product's time at 256 x 1024 x 64, most of it in exp); its 1/sum scales the (rows, width) product;
-// - the backward rebuilds P from the logits and the saved row statistics in the pass that takes <P, dP>, then
-//   writes dS = P (dP - <P, dP>) in place in dP: two passes where recomputing the softmax took five;
+// - the backward rebuilds P from the logits, shifted by the saved row maximum, in the pass that takes <P, dP>,
+//   then writes dS = P (dP - <P, dP>) in place in dP: two passes where recomputing the softmax took five;
 // - an update step's backward pairs its products: one for the logits and dP, [q_t; dq] k^T, one for both of
 //   k's gradient terms (see backward_impl);
 // - the stored patterns' gradients accumulate transposed, (d, S) += (n, d)^T (n, S): MKL runs that at
@@ -43,9 +43,12 @@ int64_t block_rows(int64_t L, int64_t S) { return std::max<int64_t>(1, std::min(
 //
 // The forward leaves the exponentials e^(x - max) unnormalised and keeps the row's statistics (max, 1/sum); the
 // 1/sum is applied to the (rows, d) product instead of the (rows, S) association. The backward rebuilds P from
-// the logits and those statistics, P = e^(x - max) / sum as the forward had it, in the same pass that takes
-// <P, dP> (P = e^(x - lse) would save a multiply but doubles P's float32 error). A row whose logits are all -inf
-// (every stored pattern masked) or hold a NaN gives NaN, as in torch.softmax.
+// the recomputed logits as e^(x - max) normalised by their own sum, in the pass that takes <P, dP>. It does not
+// reuse the forward's 1/sum: a product of the same operands may round differently the second time (MKL's sgemm
+// rounds by the operands' alignment), and the forward's sum does not normalise the new logits, so a sharp row's
+// largest weight would carry the logits' whole rounding error, which grows with beta; a softmax of its own
+// logits cancels the error they share. A row
+// whose logits are all -inf (every stored pattern masked) or hold a NaN gives NaN, as in torch.softmax.
 
 template <typename T>
 std::pair<T, T> exp_row_portable(T* x, int64_t S) {  // (max, sum of the exponentials)
@@ -57,10 +60,16 @@ std::pair<T, T> exp_row_portable(T* x, int64_t S) {  // (max, sum of the exponen
 }
 
 template <typename T>
-void softmax_backward_row_portable(T* p, T* dp, T top, T inv_sum, int64_t S) {
-  T dot = 0;
-  for (int64_t i = 0; i < S; ++i) dot += (p[i] = std::exp(p[i] - top) * inv_sum) * dp[i];
-  for (int64_t i = 0; i < S; ++i) dp[i] = p[i] * (dp[i] - dot);
+void softmax_backward_row_portable(T* p, T* dp, T top, int64_t S) {
+  T sum = 0, dot = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const T e = p[i] = std::exp(p[i] - top);
+    sum += e;
+    dot += e * dp[i];
+  }
+  const T inv_sum = T(1) / sum;
+  dot *= inv_sum;
+  for (int64_t i = 0; i < S; ++i) dp[i] = (p[i] *= inv_sum) * (dp[i] - dot);
 }
 
 #if defined(ACCEL_X86_AVX2)
@@ -112,25 +121,36 @@ ACCEL_AVX2 std::pair<float, float> exp_row_avx2(float* x, int64_t S) {
   return {top, sum};
 }
 
-ACCEL_AVX2 void softmax_backward_row_avx2(float* p, float* dp, float top, float inv_sum, int64_t S) {
+ACCEL_AVX2 void softmax_backward_row_avx2(float* p, float* dp, float top, int64_t S) {
   const int64_t S8 = S - S % 8;
-  const __m256 top_v = _mm256_set1_ps(top), inv_v = _mm256_set1_ps(inv_sum);
-  __m256 dot8 = _mm256_setzero_ps();
-  for (int64_t i0 = 0; i0 < S8; i0 += kSumBlock) {
-    __m256 part = _mm256_setzero_ps();
+  const __m256 top_v = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps(), dot8 = _mm256_setzero_ps();
+  for (int64_t i0 = 0; i0 < S8; i0 += kSumBlock) {  // the forward's exponentials and sum, in its order
+    __m256 sum_part = _mm256_setzero_ps(), dot_part = _mm256_setzero_ps();
     for (int64_t i = i0; i < std::min(S8, i0 + kSumBlock); i += 8) {
-      const __m256 e = _mm256_mul_ps(exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), top_v)), inv_v);
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), top_v));
       _mm256_storeu_ps(p + i, e);
-      part = _mm256_fmadd_ps(e, _mm256_loadu_ps(dp + i), part);
+      sum_part = _mm256_add_ps(sum_part, e);
+      dot_part = _mm256_fmadd_ps(e, _mm256_loadu_ps(dp + i), dot_part);
     }
-    dot8 = _mm256_add_ps(dot8, part);
+    sum8 = _mm256_add_ps(sum8, sum_part);
+    dot8 = _mm256_add_ps(dot8, dot_part);
   }
-  float dot = horizontal_sum(dot8);
-  for (int64_t i = S8; i < S; ++i) dot += (p[i] = std::exp(p[i] - top) * inv_sum) * dp[i];
-  const __m256 dot_v = _mm256_set1_ps(dot);
-  for (int64_t i = 0; i < S8; i += 8)
-    _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(dp + i), dot_v)));
-  for (int64_t i = S8; i < S; ++i) dp[i] = p[i] * (dp[i] - dot);
+  float sum = horizontal_sum(sum8), dot = horizontal_sum(dot8);
+  for (int64_t i = S8; i < S; ++i) {
+    const float e = p[i] = std::exp(p[i] - top);
+    sum += e;
+    dot += e * dp[i];
+  }
+  const float inv_sum = 1.0f / sum;
+  dot *= inv_sum;
+  const __m256 inv_v = _mm256_set1_ps(inv_sum), dot_v = _mm256_set1_ps(dot);
+  for (int64_t i = 0; i < S8; i += 8) {
+    const __m256 prob = _mm256_mul_ps(_mm256_loadu_ps(p + i), inv_v);
+    _mm256_storeu_ps(p + i, prob);
+    _mm256_storeu_ps(dp + i, _mm256_mul_ps(prob, _mm256_sub_ps(_mm256_loadu_ps(dp + i), dot_v)));
+  }
+  for (int64_t i = S8; i < S; ++i) dp[i] = (p[i] *= inv_sum) * (dp[i] - dot);
 }
 #endif
 
@@ -151,20 +171,20 @@ void exp_rows(T* x, int64_t n, int64_t S, T* stats, T* inv_sum) {
   }
 }
 
-// From the logits (n, S) in p, dP (n, S) in dp, both contiguous, and the rows' statistics (n, 2): P into p and
-// the softmax's backward dS = P (dP - rowsum(dP P)) into dp.
+// From the logits (n, S) in p, dP (n, S) in dp, both contiguous, and the rows' statistics (n, 2; the maximum is
+// the shift): P into p and the softmax's backward dS = P (dP - rowsum(dP P)) into dp.
 template <typename T>
 void softmax_backward_rows(T* p, T* dp, int64_t n, int64_t S, const T* stats) {
   for (int64_t r = 0; r < n; ++r) {
 #if defined(ACCEL_X86_AVX2)
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx2()) {
-        softmax_backward_row_avx2(p + r * S, dp + r * S, stats[2 * r], stats[2 * r + 1], S);
+        softmax_backward_row_avx2(p + r * S, dp + r * S, stats[2 * r], S);
         continue;
       }
     }
 #endif
-    softmax_backward_row_portable(p + r * S, dp + r * S, stats[2 * r], stats[2 * r + 1], S);
+    softmax_backward_row_portable(p + r * S, dp + r * S, stats[2 * r], S);
   }
 }
 
