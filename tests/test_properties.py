@@ -704,6 +704,9 @@ def test_quant_matmul_weight_only(M, N, K, combo, with_bias, dtype, layout, seed
 # Found by this property: past the largest point, where the distances round to a tie, the op took the largest point,
 # the reference (the rule's "lower at a tie") the other.
 @example(shape=[], P=2, dtype=BF16, duplicates=False, ties=False, layout="contiguous", seed=1762)
+# Found by this property: two near points whose distances to a value round to a tie in bfloat16: the op compared
+# only the two points around the value, the reference every rounded distance (distances are now exact).
+@example(shape=[2, 33], P=3, dtype=BF16, duplicates=False, ties=False, layout="contiguous", seed=3350017)
 def test_quantize_to_points(shape, P, dtype, duplicates, ties, layout, seed):
     gen = torch.Generator().manual_seed(seed)
     points = (torch.randn(P, generator=gen, dtype=F64) * 2).to(dtype)  # unsorted, as while they are learned

@@ -2,6 +2,8 @@
 distance table, ties, points in any order, the points' gradient against autograd through the reference
 (gradcheck too), the straight-through gradient of the values, opcheck, clear errors, and learning: gradient
 descent on the points lowers the quantization error of Gaussian weights below that of uniform points."""
+import math
+
 import pytest
 import torch
 
@@ -31,6 +33,16 @@ def test_ties_go_to_the_lower_point_and_repeated_points_work():
     x = torch.tensor([0.0, 2.0, 5.0, -7.0, 2.9], dtype=torch.float64)
     assert quantize_to_points(x, points).tolist() == [-1.0, 1.0, 3.0, -1.0, 3.0]
     assert torch.equal(quantize_to_points(x, points), reference.quantize_to_points(x, points))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_infinities_go_to_the_extreme_points_and_nan_stays_nan(dtype):
+    points = torch.tensor([0.5, -1.0, 2.0, 2.0, -1.0], dtype=dtype)
+    x = torch.tensor([math.inf, -math.inf, math.nan, 1.0], dtype=dtype)
+    got = quantize_to_points(x, points)
+    assert got[:2].tolist() == [2.0, -1.0] and got[2].isnan() and got[3] == 0.5
+    assert torch.equal(got.isnan(), reference.quantize_to_points(x, points).isnan())
+    assert torch.equal(got[~got.isnan()], reference.quantize_to_points(x, points)[~got.isnan()])
 
 
 def test_gradcheck_and_opcheck():

@@ -41,13 +41,15 @@ def _assignment(x, points):
     ordered, order = points.sort()
     # Not a search among the midpoints (a + b) / 2: rounded, one can fall on either side of the true midpoint, and
     # values next to it went to the farther point. Instead the two points around each value, by their distances
-    # as they round (the reference's), the lower at a tie; of equal points the first, as the reference's argmin.
+    # in float64 (the reference's: exact for narrower dtypes, where rounded distances can tie though one point is
+    # nearer), the lower at a tie; of equal points the first, as the reference's argmin.
     largest = torch.searchsorted(ordered, ordered[-1:]).reshape(())  # the first of the points equal to the largest
     above = torch.searchsorted(ordered, x.contiguous(), side="left").clamp_max(largest)
     below = torch.searchsorted(ordered, ordered[(above - 1).clamp_min(0)], side="left")
-    nearer_below = (x - ordered[below]).abs() <= (x - ordered[above]).abs()
+    wide, wide_points = x.to(torch.float64), ordered.to(torch.float64)
+    nearer_below = (wide - wide_points[below]).abs() <= (wide - wide_points[above]).abs()
     # +inf (both distances inf, a tie to the reference's argmin): the largest point; finite values keep the rule
-    nearer_below &= torch.isfinite(x - ordered[above])
+    nearer_below &= torch.isfinite(wide - wide_points[above])
     return ordered, order, torch.where(nearer_below, below, above)
 
 

@@ -15,6 +15,8 @@ Products: with weights quantized along K and activations x,
     y_n = sum_k x_k w_hat_nk = sum_groups (step_g sum_k x_k q_k + min_g sum_k x_k),
 and for int8 both ways, y_mn = step_x,m step_w,n sum_k qx_mk qw_nk.
 """
+import math
+
 import torch
 
 
@@ -93,6 +95,10 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: 
 def quantize_to_points(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Polino et al.'s differentiable quantization: each value of x becomes the nearest of the learnable
     quantization points (the lower one at a tie). Through autograd, a point's gradient is the sum of the
-    gradients of the values that became it."""
+    gradients of the values that became it. Distances are taken in float64, where those of narrower values are
+    exact: rounded to x's dtype, two of them can tie where one point is nearer."""
     ordered = points.sort().values  # so that argmin's first minimum is the lower point
-    return ordered[(x.unsqueeze(-1) - ordered).abs().argmin(-1)]
+    distances = (x.unsqueeze(-1).to(torch.float64) - ordered.to(torch.float64)).abs()
+    # every distance of +inf is inf: its nearest point is the largest (the first of equal ones), as x grows
+    nearest = torch.where(x == math.inf, ordered.argmax(), distances.argmin(-1))
+    return torch.where(x.isnan(), x, ordered[nearest])  # a NaN has no nearest point
