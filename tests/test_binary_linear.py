@@ -1,12 +1,26 @@
 """accel.nn.BinaryLinear: a binary MLP trained with ReSTE on scikit-learn's digits reaches 90% test accuracy, and
-its packed inference (popcount kernel) predicts exactly as the float path; loading from nn.Linear, pack(),
-state_dict, compile."""
+its packed inference (popcount kernel) predicts exactly as the float path; the packed forward and the training
+forward and gradients against the layer's formula written with the reference estimators (accel/reference/
+binary.py) by the numerics rule, the integer product exactly; loading from nn.Linear, pack(), state_dict,
+compile."""
 import pytest
 import torch
 from torch import nn
 
 from accel.nn import BinaryLinear
+from accel.reference import binary as reference
 from accel.reference.binary import sign
+from conftest import assert_by_rule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny layers: a second intra-op thread only adds OpenMP synchronisation, which made the training test several
+    times slower on a loaded 2-core machine (tests/test_threads.py and test_determinism.py cover thread counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 sklearn = pytest.importorskip("sklearn.datasets")
 
@@ -60,18 +74,66 @@ def test_reste_mlp_learns_digits_and_packed_inference_agrees():
     torch.testing.assert_close(packed_logits, float_logits, rtol=1e-5, atol=1e-5)
 
 
+def layer_formula(layer: BinaryLinear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(sign(x) sign(W)^T) * scale + bias in x's dtype, written here from the reference: sign() with the
+    reference's estimator of its gradient (a constant times the identity's gradient), the scale mean |W| per
+    output row or of the whole matrix, differentiable."""
+    grad_of_sign = {"ste": reference.ste_grad, "clipped": reference.clipped_ste_grad,
+                    "reste": lambda v: reference.reste_grad(v, layer.o, layer.t, layer.delta)}[layer.estimator]
+
+    def binarized(v):
+        return sign(v).detach() + grad_of_sign(v.detach()) * (v - v.detach())
+
+    y = (binarized(x) if layer.binarize_input else x) @ binarized(weight).T
+    if layer.scale == "channel":
+        y = y * weight.abs().mean(1)
+    elif layer.scale == "scalar":
+        y = y * weight.abs().mean()
+    return y + bias
+
+
 @pytest.mark.parametrize("scale", ["channel", "scalar", "none"])
 def test_packed_forward_matches_the_float_formula(scale):
-    layer = BinaryLinear(70, 33, scale=scale)
+    layer = BinaryLinear(70, 33, scale=scale).eval()
     x = torch.randn(5, 70)
-    alpha = {"channel": layer.weight.abs().mean(1), "scalar": layer.weight.abs().mean(), "none": 1.0}[scale]
-    expected = (sign(x.double()) @ sign(layer.weight.double()).T) * (alpha.double() if scale != "none" else 1.0) \
-        + layer.bias.double()
-    layer.eval()
-    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-5)
+
+    def judged(what):
+        w, b = layer.weight.detach(), layer.bias.detach()
+        assert_by_rule(layer(x), layer_formula(layer, x, w, b), layer_formula(layer, x.double(), w.double(),
+                                                                               b.double()), what)
+
+    judged("packed forward")
     with torch.no_grad():
         layer.weight.mul_(-1)  # a changed weight is packed again
-    torch.testing.assert_close(layer(x).double(), -expected + 2 * layer.bias.double(), rtol=1e-6, atol=1e-5)
+    judged("packed forward after the weight changed")
+
+
+def test_packed_product_without_scale_and_bias_is_the_exact_integer_product():
+    layer = BinaryLinear(300, 7, bias=False, scale="none").eval()  # 300 inputs: 10 words, the last one partial
+    x = torch.randn(4, 300)
+    assert torch.equal(layer(x).double(), sign(x.double()) @ sign(layer.weight.detach().double()).T)
+
+
+@pytest.mark.parametrize("estimator, scale, binarize_input", [
+    ("clipped", "channel", True), ("ste", "scalar", True), ("reste", "channel", True), ("reste", "none", False)])
+def test_training_forward_and_gradients_follow_the_estimator(estimator, scale, binarize_input):
+    layer = BinaryLinear(40, 6, estimator=estimator, scale=scale, binarize_input=binarize_input).train()
+    layer.set_progress(0.6)  # ReSTE's power o between 1 and 3
+    with torch.no_grad():
+        layer.weight.mul_(30)  # latent weights on both sides of delta, 1 and t, where the estimators change
+    x = torch.randn(9, 40) * 1.2
+    g = torch.randn(9, 6)
+    params = [layer.weight, layer.bias]
+    got = [layer(x.requires_grad_())]
+    got += list(torch.autograd.grad(got[0], [x, *params], g))
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *params)]
+        out = layer_formula(layer, *leaves)
+        runs.append([out] + list(torch.autograd.grad(out, leaves, g.to(dtype))))
+    for name, f, r32, r64 in zip(["output", "grad of x", "grad of weight", "grad of bias"], got, *runs):
+        assert r64.abs().max() > 0, name
+        assert_by_rule(f.detach(), r32.detach(), r64.detach(), name)
 
 
 def test_from_linear_pack_and_state_dict():

@@ -1,12 +1,25 @@
-"""accel.nn.NeuralODE: the solution of accel.odeint at the end of t_span, the regularizer left for the loss in
-training mode only, nn.Module behaviour (state_dict, .to(), train/eval), and a few steps of training that fit a
-target map."""
+"""accel.nn.NeuralODE: the solution of accel.odeint at the end of t_span (and, in float64, of the per-sample
+reference solver, accel/reference/ode.py), the regularizer left for the loss in training mode only, nn.Module
+behaviour (state_dict, .to(), train/eval), and a few steps of training that fit a target map."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import accel
 from accel.nn import NeuralODE
+from accel.reference import ode as reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small shapes: a second intra-op thread only adds OpenMP synchronisation, which made the training test several
+    times slower on a loaded 2-core machine (tests/test_threads.py and test_determinism.py cover thread counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Field(nn.Module):
@@ -29,6 +42,27 @@ def test_forward_is_odeint_at_the_last_time_and_reports_nfe():
     block.return_trajectory = True
     with torch.no_grad():
         assert torch.equal(block(x), want)
+    # the parameters reach the solver: the gradients are odeint's (its discrete adjoint, tests/test_odeint.py)
+    block.return_trajectory = False
+    leaf = x.clone().requires_grad_()
+    params = list(block.parameters())
+    got = torch.autograd.grad(block(leaf).square().sum(), [leaf, *params])
+    want = torch.autograd.grad(accel.odeint(block.func, leaf, torch.tensor([0.0, 0.5, 1.0]))[-1].square().sum(),
+                               [leaf, *params])
+    assert all(g.abs().max() > 0 and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_forward_in_float64_is_the_reference_solution():
+    torch.manual_seed(3)
+    # dense_output=False: the steps end on the output times, as the reference's do
+    block = NeuralODE(Field(), t_span=(0.0, 0.5, 1.5), rtol=1e-7, atol=1e-9, return_trajectory=True,
+                      dense_output=False).double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        got = block(x)
+        want, _ = reference.odeint(block.func, x, block.t_span, rtol=1e-7, atol=1e-9)
+    # the reference takes the same steps (test_odeint.py): the solutions agree to float64 rounding
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
 def test_regularization_loss_only_while_training():
@@ -50,12 +84,17 @@ def test_behaves_like_a_module():
     block = NeuralODE(Field(), t_span=(0.0, 2.0), rtol=1e-5)
     state = block.state_dict()
     assert "t_span" in state and "func.net.0.weight" in state
-    double = NeuralODE(Field(), t_span=(0.0, 2.0), rtol=1e-5).double()
+    field64 = copy.deepcopy(block.func).double()
+    double = NeuralODE(Field(), t_span=(0.0, 2.0), rtol=1e-5, dense_output=False).double()  # the reference's steps
     double.load_state_dict({k: v.double() for k, v in state.items()})
+    assert double.t_span.dtype == torch.float64
     x = torch.randn(3, 2, dtype=torch.float64)
     with torch.no_grad():
         out = double(x)
+        # the loaded weights, in float64: the reference solver's solution with the first block's field
+        want, _ = reference.odeint(field64, x, torch.tensor([0.0, 2.0], dtype=torch.float64), rtol=1e-5, atol=1e-8)
     assert out.dtype == torch.float64 and out.shape == (3, 2)
+    torch.testing.assert_close(out, want[-1], rtol=1e-9, atol=1e-11)
     with pytest.raises(TypeError, match="`func` must be an nn.Module"):
         NeuralODE(lambda t, y: y)
 

@@ -49,10 +49,11 @@ def test_takes_the_reference_solvers_steps(method, controller):
     assert stats["rejected"].tolist() == want_stats["rejected"]
     for b in range(3):  # the error and stiffness estimates of every accepted step, in order; both are built
         kept = stats["step_accepted"][:, b]  # from differences of stages, whose cancellation amplifies rounding
+        # (measured here: relative differences up to 6.6e-6 for the error norms, 3.3e-6 for the stiffness)
         torch.testing.assert_close(stats["error"][kept, b].clamp_min(1e-10),
-                                   torch.tensor(want_stats["error"][b], dtype=torch.float64), rtol=1e-3, atol=1e-10)
+                                   torch.tensor(want_stats["error"][b], dtype=torch.float64), rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(stats["stiffness"][kept, b], torch.tensor(want_stats["stiffness"][b],
-                                                                             dtype=torch.float64), rtol=1e-3, atol=0)
+                                                                             dtype=torch.float64), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("problem, y0, t1", [
@@ -66,8 +67,11 @@ def test_against_scipy_rk45(problem, y0, t1):
     rk45 = scipy_integrate.solve_ivp(as_numpy(problem), (0, t1), y0[0].numpy(), method="RK45", t_eval=t.numpy(),
                                      rtol=1e-6, atol=1e-8)
     ours, theirs = np.abs(ys[:, 0].numpy() - exact).max(), np.abs(rk45.y.T - exact).max()
-    assert ours <= 3 * theirs + 1e-9, f"error {ours:.2e}, scipy RK45 {theirs:.2e}"
-    assert 0.7 * rk45.nfev <= stats["nfe"] <= 1.3 * rk45.nfev
+    # The same pair and controller: over 100 random initial conditions (Van der Pol in [-2.5, 2.5]^2,
+    # Lotka-Volterra in [0.5, 2]^2) our error / RK45's had median 1.00 and max 1.65 and 1.41, the evaluations
+    # 0.96 to 1.07 times RK45's
+    assert ours <= 2 * theirs + 1e-9, f"error {ours:.2e}, scipy RK45 {theirs:.2e}"
+    assert 0.9 * rk45.nfev <= stats["nfe"] <= 1.1 * rk45.nfev
 
 
 def test_linear_system_float32_within_tolerance():
@@ -296,18 +300,19 @@ def test_gradcheck_through_dense_output():
     torch.autograd.gradcheck(lambda y, w: accel.odeint(func, y, t, rtol=1e9, atol=1e9, first_step=0.02), (y0, weight))
 
 
-def replay_regularizer(func, y0, trace, kind, tableau=reference.DOPRI5):
+def replay_regularizer(func, y0, trace, kind, tableau=reference.DOPRI5, sample=0):
     """ERNODE's sum of norm x h, or STRNODE's largest |h rho| / bound, over the accepted steps of a trace, through
-    plain autograd and the reference's error norm and stiffness estimate (one sample)."""
+    plain autograd and the reference's error norm and stiffness estimate, for one sample of the batch: y0 (1, D)."""
     y, terms = y0, []
     for it in trace:
-        if not bool(it.accepted.all()):
+        if not bool(it.accepted[sample]):
             continue
-        y1, err, k, g = reference.rk_step(func, it.t, y, it.step, tableau)
+        t, step = it.t[sample:sample + 1], it.step[sample:sample + 1]
+        y1, err, k, g = reference.rk_step(func, t, y, step, tableau)
         if kind == "error":
-            terms.append(reference.error_norm(err, y, y1, 1e-6, 1e-8) * it.step)
+            terms.append(reference.error_norm(err, y, y1, 1e-6, 1e-8) * step)
         else:
-            terms.append((it.step * reference.stiffness(k, g)).abs() / tableau.stability_bound)
+            terms.append((step * reference.stiffness(k, g)).abs() / tableau.stability_bound)
         y = y1
     stacked = torch.stack(terms)
     return stacked.sum(0) if kind == "error" else stacked.max(0).values
@@ -338,6 +343,17 @@ def test_regularizer_with_dense_output_and_the_solution_together():
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
     ys, reg, stats = accel.odeint(func, y0, t, regularization="error", return_stats=True)
     assert reg.shape == (4,) and (reg > 0).all()
+    # each sample's regularizer and its gradient: the sum over the steps it took (stepping past the output
+    # times, whose values are interpolated), replayed through plain autograd
+    from accel.ode.odeint import _Solver
+    solver = _Solver(func, reference.DOPRI5, t, 1e-6, 1e-8, "I", 0.9, None, None, 0.0, 1000, 1, dense_output=True)
+    with torch.no_grad():
+        solver.solve(y0.detach(), keep_trace=True)
+    assert torch.equal(solver.stats["accepted"], stats["accepted"])
+    want = torch.cat([replay_regularizer(func, y0[b:b + 1], solver.trace, "error", sample=b) for b in range(4)])
+    torch.testing.assert_close(reg, want.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(reg.sum(), y0, retain_graph=True)[0],
+                               torch.autograd.grad(want.sum(), y0)[0], rtol=1e-6, atol=1e-12)
     plain = accel.odeint(func, y0, t)
     torch.testing.assert_close(ys, plain)
     # the two gradients add up: the regularizer's gradient is what it adds to the solution's
@@ -376,7 +392,19 @@ def test_local_regularizer_is_one_steps_estimate(method, kind):
     for a, b in zip(torch.autograd.grad(got.sum(), [y, *func.parameters()]),
                     torch.autograd.grad(want.sum(), [y, *func.parameters()])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * b.abs().max().item())
-    default_h = local_regularizer(func, t, y, None, method, kind)  # Hairer's starting step
-    assert default_h.shape == (4,) and torch.isfinite(default_h).all()
+    default_h = local_regularizer(func, t, y, None, method, kind)  # Hairer's starting step, a constant
+    with torch.no_grad():
+        h0 = reference.initial_step(func, t, y, func(t, y), tableau.error_order, 1e-6, 1e-8)
+        y1, err, k, g = reference.rk_step(func, t, y, h0, tableau)
+        if kind == "error":
+            want = reference.error_norm(err, y, y1, 1e-6, 1e-8)
+            # at the small starting step the error estimate h sum_i e_i k_i cancels to about 1e-11 of its terms:
+            # judged against their size (the error norm of the sum of |h e_i k_i|), to a few float64 roundings
+            scaled = sum(abs(e) * ki.abs() for e, ki in zip(tableau.b_err, k)) * h0[:, None]
+            tolerance = 8 * torch.finfo(torch.float64).eps * reference.error_norm(scaled, y, y1, 1e-6, 1e-8)
+        else:
+            want = (h0 * reference.stiffness(k, g)).abs() / tableau.stability_bound
+            tolerance = 1e-6 * want
+        assert want.min() > 0 and ((default_h - want).abs() <= tolerance).all(), (default_h, want)
     with pytest.raises(ValueError, match="adaptive method"):
         local_regularizer(func, t, y, h, "rk4")
