@@ -62,6 +62,17 @@ def poisoned_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for modules of many small calls: on a loaded 2-core machine a second thread only adds
+    OpenMP synchronisation, which can cost more than the work (test_threads.py and test_determinism.py cover the
+    kernels' thread splits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

@@ -787,11 +787,12 @@ for _row in [
     ("Cell-steps-zero", lambda: darts.Cell(0, 1, 4, 4, 4, False, False), "steps"),
     ("Cell-multiplier-too-large", lambda: darts.Cell(2, 5, 4, 4, 4, False, False), "multiplier"),
     ("Cell-C-zero", lambda: darts.Cell(2, 2, 4, 4, 0, False, False), "C"),
-    ("Network-weighting-unknown", lambda: darts.Network(4, 10, 1, 1, 1, weighting="hard"), "weighting"),
-    ("Network-tau-zero", lambda: darts.Network(4, 10, 1, 1, 1, tau=0.0), "tau"),
-    ("Network-layers-zero", lambda: darts.Network(4, 10, 0, 1, 1), "layers"),
-    ("Network-num_classes-zero", lambda: darts.Network(4, 0, 1, 1, 1), "num_classes"),
-    ("Network-partial_channels-not-dividing", lambda: darts.Network(4, 10, 1, 1, 1, partial_channels=3),
+    ("Network-weighting-unknown", lambda: darts.Network(4, 10, 1, None, 1, 1, weighting="hard"), "weighting"),
+    ("Network-tau-zero", lambda: darts.Network(4, 10, 1, None, 1, 1, tau=0.0), "tau"),
+    ("Network-layers-zero", lambda: darts.Network(4, 10, 0, None, 1, 1), "layers"),
+    ("Network-criterion-not-callable", lambda: darts.Network(4, 10, 1, 4), "criterion"),
+    ("Network-num_classes-zero", lambda: darts.Network(4, 0, 1, None, 1, 1), "num_classes"),
+    ("Network-partial_channels-not-dividing", lambda: darts.Network(4, 10, 1, None, 1, 1, partial_channels=3),
      "partial_channels"),
     ("DepthwiseConv2d-channels-zero", lambda: DepthwiseConv2d(0, 3), "channels"),
     ("DepthwiseConv2d-kernel_size-zero", lambda: DepthwiseConv2d(2, 0), "kernel_size"),
@@ -875,7 +876,7 @@ bad("Cell-s1-wrong-channels", lambda: cell()(r(2, 4, 5, 5), r(2, 5, 5, 5), torch
 
 
 def network():
-    return darts.Network(4, 10, 1, 1, 1)
+    return darts.Network(4, 10, 1, None, 1, 1)
 
 
 bad("Network-input-wrong-channels", lambda: network()(r(2, 1, 8, 8)), "input")

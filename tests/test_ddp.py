@@ -50,7 +50,8 @@ def _models():
     the same ones."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    darts = accel.nn.darts.Network(C=4, num_classes=10, layers=2, steps=2, multiplier=2)  # 2 nodes a cell: cheap
+    # 2 nodes a cell: cheap; the alphas as Parameters, so that DDP replicates and reduces them
+    darts = accel.nn.darts.Network(C=4, num_classes=10, layers=2, steps=2, multiplier=2, register_arch_parameters=True)
     hopfield, lssl = HopfieldModel(), LSSLModel()
     return [
         ("darts", darts, torch.randn(2 * HALF, 3, 8, 8, generator=gen),

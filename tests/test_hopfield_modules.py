@@ -17,14 +17,7 @@ from conftest import assert_by_rule
 F32, F64 = torch.float32, torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes: a second intra-op thread only adds OpenMP synchronisation, which costs more than it saves on a
-    loaded 2-core machine (tests/test_threads.py and test_determinism.py cover thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def by_hand(m: Hopfield, stored, state, projection, padding=None, mask=None, keep=None, association=False):

@@ -53,18 +53,12 @@ MODULES = {
                   lambda gen: (torch.randn(4, 3, generator=gen),)),
     "QuantLinear": (lambda: accel.nn.QuantLinear(64, 5, bits=4, group_size=32),
                     lambda gen: (torch.randn(3, 64, generator=gen),)),
-    "darts.Network": (lambda: darts.Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2), _image(2, 3, 8, 8)),
+    "darts.Network": (lambda: darts.Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2,
+                                             register_arch_parameters=True), _image(2, 3, 8, 8)),
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These are tiny shapes: a second intra-op thread only adds OpenMP synchronisation, which costs seconds per
-    forward on a loaded machine (tests/test_determinism.py covers the thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # Modules whose torch.compile(fullgraph=True) test lives elsewhere (compiling costs seconds to minutes each).

@@ -49,15 +49,7 @@ settings.register_profile(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Runs this module's many tiny calls on one intra-op thread: on a loaded machine every OpenMP region of the
-    references (tens of them per example) can wait tens of milliseconds for a second core, which made the module
-    40x slower. The kernels' thread splits are tested with large shapes elsewhere (their determinism tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # A wider search, not derandomized, for looking for new failures locally:

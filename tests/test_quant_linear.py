@@ -17,14 +17,7 @@ from conftest import assert_by_rule
 sklearn = pytest.importorskip("sklearn.datasets")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes: a second intra-op thread only adds OpenMP synchronisation, which made the training test several
-    times slower on a loaded 2-core machine (tests/test_threads.py and test_determinism.py cover thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def digits():

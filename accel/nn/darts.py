@@ -2,11 +2,14 @@
 with the variants people search with: PC-DARTS' partial channels and edge normalisation, GDAS' gumbel
 sampling, sharpDARTS' max-w weighting and DARTS-PT's perturbation-based selection.
 
-The structure, module names and genotype rule are DARTS'. One deliberate difference: the architecture
-parameters ``alphas_normal`` and ``alphas_reduce`` are real nn.Parameters of the network, so that
-DataParallel/DDP replicate them and state_dict() saves them (DARTS keeps them as loose tensors).
-``parameters()`` therefore includes them; give the weight optimiser ``weights_parameters()`` and the
-architecture optimiser ``arch_parameters()``.
+The constructor, structure, module names, state_dict keys, methods (``_loss``, ``new``, ``arch_parameters``,
+``genotype``) and genotype rule are DARTS', so that DARTS' train_search.py and Architect (first and second
+order) run with only the import changed. As in DARTS, the architecture parameters ``alphas_normal`` and
+``alphas_reduce`` (and PC-DARTS' ``betas_*``) are leaf tensors outside ``parameters()`` and ``state_dict()``:
+``SGD(model.parameters())`` trains the weights alone, and a checkpoint holds the weights alone. Unlike DARTS'
+``.cuda()`` at construction, they follow the network's ``.to()``. With ``register_arch_parameters=True`` they are
+nn.Parameters instead, so that DataParallel/DDP replicate them and state_dict() saves them; give the weight
+optimiser ``weights_parameters()`` then.
 """
 from collections import namedtuple
 
@@ -136,10 +139,14 @@ class Network(nn.Module):
     on a GPU), so that each edge runs one op.
     """
 
-    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4,
-                 stem_multiplier: int = 3, mixed_op=MixedOp, *, weighting: str = "softmax", tau: float = 1.0,
-                 partial_channels: int = 1, edge_normalization: bool = False):
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, criterion=None, steps: int = 4,
+                 multiplier: int = 4, stem_multiplier: int = 3, mixed_op=MixedOp, *, weighting: str = "softmax",
+                 tau: float = 1.0, partial_channels: int = 1, edge_normalization: bool = False,
+                 register_arch_parameters: bool = False):
         super().__init__()
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"Network: `criterion` (DARTS' 4th argument, the loss of `_loss`) must be callable, got "
+                            f"{criterion!r}; pass `steps` and the rest by keyword")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"Network: unknown `weighting` {weighting!r}; known: {WEIGHTINGS}")
         for name, value in (("C", C), ("num_classes", num_classes), ("layers", layers), ("steps", steps),
@@ -150,8 +157,13 @@ class Network(nn.Module):
         self._C = C
         self._num_classes = num_classes
         self._layers = layers
+        self._criterion = criterion
         self._steps = steps
         self._multiplier = multiplier
+        self._stem_multiplier = stem_multiplier
+        self._mixed_op = mixed_op
+        self._options = dict(weighting=weighting, tau=tau, partial_channels=partial_channels,
+                             edge_normalization=edge_normalization, register_arch_parameters=register_arch_parameters)
         self.weighting = weighting
         self.tau = tau
 
@@ -173,19 +185,60 @@ class Network(nn.Module):
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
-
-        num_edges = sum(2 + i for i in range(steps))
-        # DARTS' initialisation: small random logits, so the mixture starts near uniform.
-        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
-        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
-        if edge_normalization:
-            self.betas_normal = nn.Parameter(1e-3 * torch.randn(num_edges))
-            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges))
+        self._initialize_alphas()
+        num_edges = self.alphas_normal.shape[0]
         # DARTS-PT's state: edges fixed to one op (-1: not fixed) and (edge, op) pairs masked out. Not saved:
         # they belong to a selection in progress, not to the network.
         self.register_buffer("fixed_ops", torch.full((2, num_edges), -1, dtype=torch.long), persistent=False)
         self.register_buffer("op_mask", torch.ones(2, num_edges, len(PRIMITIVES)), persistent=False)
         self._perturbed = False
+
+    def _initialize_alphas(self):
+        """DARTS' initialisation, drawn after the weights as DARTS draws it: small random logits, so that the
+        mixture starts near uniform (PC-DARTS' edge logits too, with edge normalisation)."""
+        num_edges = sum(2 + i for i in range(self._steps))
+        names = ["alphas_normal", "alphas_reduce"]
+        if self._options["edge_normalization"]:
+            names += ["betas_normal", "betas_reduce"]
+        self._arch_names = names
+        for name in names:
+            shape = (num_edges, len(PRIMITIVES)) if name.startswith("alphas") else (num_edges,)
+            self._set_arch(name, 1e-3 * torch.randn(shape))
+
+    def _set_arch(self, name: str, value: torch.Tensor):
+        if self._options["register_arch_parameters"]:
+            setattr(self, name, nn.Parameter(value))
+        else:
+            object.__setattr__(self, name, value.detach().requires_grad_())
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts the loose architecture tensors with the module (``.to()``, ``.double()``, ...), as
+        leaves: nn.Module._apply only sees parameters and buffers."""
+        super()._apply(fn, recurse)
+        if not self._options["register_arch_parameters"]:
+            for name in self._arch_names:
+                old = getattr(self, name)
+                with torch.no_grad():
+                    new = fn(old)
+                if new is not old:
+                    self._set_arch(name, new)
+        return self
+
+    def new(self) -> "Network":
+        """A network of the same configuration, on the same device and dtype, with a copy of the architecture
+        parameters (and fresh weights): DARTS' Architect builds its unrolled model from it."""
+        any_tensor = self.classifier.weight
+        net = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps, self._multiplier,
+                      self._stem_multiplier, self._mixed_op, **self._options).to(any_tensor.device, any_tensor.dtype)
+        with torch.no_grad():
+            for mine, theirs in zip(net.arch_parameters(), self.arch_parameters()):
+                mine.copy_(theirs)
+        return net
+
+    def _loss(self, input, target):
+        """DARTS' training loss: the criterion given at construction (cross-entropy when none was) of the logits."""
+        logits = self(input)
+        return (self._criterion or F.cross_entropy)(logits, target)
 
     def forward(self, input):
         if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
@@ -214,9 +267,9 @@ class Network(nn.Module):
         edge_scale = None if beta is None else node_edge_weights(beta, self._steps)
         return weights, index, edge_scale
 
-    def arch_parameters(self) -> list[nn.Parameter]:
-        betas = [self.betas_normal, self.betas_reduce] if hasattr(self, "betas_normal") else []
-        return [self.alphas_normal, self.alphas_reduce, *betas]
+    def arch_parameters(self) -> list[torch.Tensor]:
+        """[alphas_normal, alphas_reduce] (then betas_normal, betas_reduce with edge normalisation), as DARTS'."""
+        return [getattr(self, name) for name in self._arch_names]
 
     def weights_parameters(self) -> list[nn.Parameter]:
         """Every parameter except the architecture's: what DARTS' weight optimiser steps."""
@@ -227,7 +280,7 @@ class Network(nn.Module):
         """The discrete cell: per node, the 2 strongest incoming edges, each with its strongest operation
         other than 'none' (an edge's strength is its largest non-'none' weight, times its normalised edge
         weight with edge normalisation), as DARTS' and PC-DARTS' ``_parse``."""
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        concat = range(2 + self._steps - self._multiplier, self._steps + 2)  # a range, as DARTS' Genotype holds
         genes = []
         for reduction in (False, True):
             alpha = self.alphas_reduce if reduction else self.alphas_normal
@@ -290,7 +343,7 @@ class Network(nn.Module):
                     gene.append((PRIMITIVES[int(self.fixed_ops[cell_type, start + j])], j))
                 start += 2 + i
             genes.append(gene)
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        concat = range(2 + self._steps - self._multiplier, self._steps + 2)
         return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=concat)
 
     def reset_perturbation(self) -> None:

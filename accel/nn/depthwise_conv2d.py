@@ -28,8 +28,11 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
-        """A DepthwiseConv2d sharing ``conv``'s weight Parameter (no copy)."""
-        module = cls(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        """A DepthwiseConv2d sharing ``conv``'s weight Parameter (no copy). The random state is left as it was:
+        the new module's own initial weight, replaced at once, must not consume draws, so that a network built
+        from a seed gets the weights that the same network of nn.Conv2d gets."""
+        with torch.random.fork_rng(devices=[]):
+            module = cls(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
         module.weight = conv.weight
         return module
 
