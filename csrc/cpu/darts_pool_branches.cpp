@@ -96,11 +96,13 @@ inline void pool_plane(const T* x, int64_t H, int64_t W, PoolScratch& s, float* 
 // Training pass 1 of one plane: acc += [sum mx, sum mx^2, sum av, sum av^2] of its pooled values.
 ACCEL_CPU_CLONES void pooled_moments_plane(const float* x, int64_t H, int64_t W, PoolScratch& s, double* acc) {
   pool_plane(x, H, W, s, s.mx.data(), s.av.data());
-  float sum[4][16] = {};
+  // Double lanes: the variance is E[x^2] - mean^2, which cancels where a channel's mean is large next to its
+  // spread; in float lanes the squares' rounding alone then outweighed the variance.
+  double sum[4][16] = {};
   int64_t k = 0;
-  for (; k + 16 <= H * W; k += 16)  // float lanes per 16 columns, added in double below
+  for (; k + 16 <= H * W; k += 16)
     for (int l = 0; l < 16; ++l) {
-      const float m = s.mx[k + l], a = s.av[k + l];
+      const double m = s.mx[k + l], a = s.av[k + l];
       sum[0][l] += m, sum[1][l] += m * m, sum[2][l] += a, sum[3][l] += a * a;
     }
   for (; k < H * W; ++k) {
@@ -111,11 +113,12 @@ ACCEL_CPU_CLONES void pooled_moments_plane(const float* x, int64_t H, int64_t W,
     for (int l = 0; l < 16; ++l) acc[q] += sum[q][l];
 }
 
-// out = a * maxpool(x) + b * avgpool(x) + d over one plane.
-ACCEL_CPU_CLONES void mix_plane(const float* x, int64_t H, int64_t W, float a, float b, float d, PoolScratch& s,
-                                float* out) {
+// out = a * (maxpool(x) - mean_max) + b * (avgpool(x) - mean_avg) over one plane: centred first, since
+// a * mx + b * av + d cancels where the means are large next to the spread.
+ACCEL_CPU_CLONES void mix_plane(const float* x, int64_t H, int64_t W, float a, float b, float mean_max,
+                                float mean_avg, PoolScratch& s, float* out) {
   pool_plane(x, H, W, s, s.mx.data(), s.av.data());
-  for (int64_t k = 0; k < H * W; ++k) out[k] = a * s.mx[k] + b * s.av[k] + d;
+  for (int64_t k = 0; k < H * W; ++k) out[k] = a * (s.mx[k] - mean_max) + b * (s.av[k] - mean_avg);
 }
 
 // Backward pass 1 of one plane: acc += [sum g, sum g * xhat_max, sum g * xhat_avg].
@@ -225,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
     scratch.size(s.H, s.W);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % s.C;
-      // w0 * (mx - mean0) * r0 + w1 * (av - mean1) * r1, as a * mx + b * av + d
+      // w0 * (mx - mean0) * r0 + w1 * (av - mean1) * r1
       const float a = w0 * st[s.C + c], b = w1 * st[3 * s.C + c];
-      mix_plane(xp + p * hw, s.H, s.W, a, b, -(a * st[c] + b * st[2 * s.C + c]), scratch, op + p * hw);
+      mix_plane(xp + p * hw, s.H, s.W, a, b, st[c], st[2 * s.C + c], scratch, op + p * hw);
     }
   });
   return {out, stats, new_running};
