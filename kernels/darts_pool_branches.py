@@ -7,8 +7,10 @@ pools of its pixels from x (9 loads per pixel, from L1/L2). x is walked as (N * 
 program takes BLOCK pixels of one plane, so its channel is a scalar.
 
 * forward, training: ``_pooled_moments_kernel`` writes each block's sums of both pooled values and their
-  squares; torch adds the partials in a fixed order (no atomics) and finishes the statistics in float64;
-* ``_mix_kernel`` writes out = a * max + b * avg + d per channel;
+  squares, in float64 (the variance E[x^2] - mean^2 cancels where a channel's mean is large next to its spread);
+  torch adds the partials in a fixed order (no atomics) and finishes the statistics in float64;
+* ``_mix_kernel`` writes out = a * (max - mean_max) + b * (avg - mean_avg) per channel, centred first for the
+  same reason;
 * backward: ``_gradient_moments_kernel`` writes each block's sums of g, g * xhat_max and g * xhat_avg;
   ``_branch_gradient_kernel`` writes the BN gradients of both branches at every window (the avg one already
   divided by its window size) and which tap of each window is its maximum; ``_input_gradient_kernel``
@@ -51,22 +53,24 @@ def _pooled_moments_kernel(x_ptr, partial_ptr, H, W, num_blocks, BLOCK: tl.const
     idx = b * BLOCK + tl.arange(0, BLOCK)
     in_bounds = idx < H * W
     mx, av, _, _ = _pools(x_ptr, p * H * W, idx // W, idx % W, H, W, in_bounds)
+    mx, av = mx.to(tl.float64), av.to(tl.float64)
     out = partial_ptr + (p * num_blocks + b) * 4
-    tl.store(out, tl.sum(mx, axis=0).to(tl.float64))
-    tl.store(out + 1, tl.sum(mx * mx, axis=0).to(tl.float64))
-    tl.store(out + 2, tl.sum(av, axis=0).to(tl.float64))
-    tl.store(out + 3, tl.sum(av * av, axis=0).to(tl.float64))
+    tl.store(out, tl.sum(mx, axis=0))
+    tl.store(out + 1, tl.sum(mx * mx, axis=0))
+    tl.store(out + 2, tl.sum(av, axis=0))
+    tl.store(out + 3, tl.sum(av * av, axis=0))
 
 
 @triton.jit
 def _mix_kernel(x_ptr, coef_ptr, out_ptr, C, H, W, BLOCK: tl.constexpr):
-    """out = coef[0, c] * max + coef[1, c] * avg + coef[2, c]."""
+    """out = coef[0, c] * (max - coef[2, c]) + coef[1, c] * (avg - coef[3, c])."""
     p, b = tl.program_id(0).to(tl.int64), tl.program_id(1)
     c = p % C
     idx = b * BLOCK + tl.arange(0, BLOCK)
     in_bounds = idx < H * W
     mx, av, _, _ = _pools(x_ptr, p * H * W, idx // W, idx % W, H, W, in_bounds)
-    out = tl.load(coef_ptr + c) * mx + tl.load(coef_ptr + C + c) * av + tl.load(coef_ptr + 2 * C + c)
+    out = (tl.load(coef_ptr + c) * (mx - tl.load(coef_ptr + 2 * C + c))
+           + tl.load(coef_ptr + C + c) * (av - tl.load(coef_ptr + 3 * C + c)))
     tl.store(out_ptr + p * H * W + idx, out, mask=in_bounds)
 
 
@@ -152,7 +156,7 @@ def forward(x, weights, running, training: bool, momentum: float, eps: float):
     r = torch.rsqrt(var + eps)
     stats = torch.stack([mean[0], r[0], mean[1], r[1]])
     a, b = weights.double()[0] * r[0], weights.double()[1] * r[1]
-    coef = torch.stack([a, b, -(a * mean[0] + b * mean[1])]).float().contiguous()
+    coef = torch.stack([a, b, mean[0], mean[1]]).float().contiguous()
     out = torch.empty_like(x)
     if out.numel():
         _mix_kernel[(N * C, blocks)](x, coef, out, C, H, W, BLOCK=BLOCK, num_warps=NUM_WARPS)
