@@ -7,7 +7,9 @@ kernels under the interpreter; and the session's guards against passing vacuousl
 - a skipped test fails the session, since the test environment (constraints.txt) installs everything the suite
   imports, unless ACCEL_ALLOW_SKIPS=1 (a partial environment, on purpose). Skips are listed (-rs).
 """
+import copy
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -48,6 +50,33 @@ def assert_by_rule(fast: torch.Tensor, reference_in_dtype: torch.Tensor, referen
         f"{what}: error {verdict.error:.3g} > allowed {verdict.allowed:.3g} "
         f"(reference in {fast.dtype}: {verdict.reference_error:.3g})"
     )
+
+
+def outputs_and_gradients(fn, module, inputs, seed):
+    """fn(module, *inputs), and the gradients of <g, output> (g random, drawn from seed) with respect to the
+    floating inputs and the module's trainable parameters: {name: tensor}."""
+    leaves = [x.detach().clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    out = fn(module, *leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    wrt = [(f"grad of input {i}", x) for i, x in enumerate(leaves) if x.is_floating_point()]
+    wrt += [(f"grad of {name}", p) for name, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [t for _, t in wrt], g, allow_unused=True, materialize_grads=True)
+    return {"output": out.detach(), **{name: grad for (name, _), grad in zip(wrt, grads)}}
+
+
+def perturbed_copy(module, inputs, gen):
+    """A float64 copy of the module and inputs with every value moved by up to half a float32 ulp: another
+    rounding as likely as float32's own (a draw of the reference's float32 error, rounded back)."""
+    def move(t):
+        eps = torch.finfo(torch.float32).eps
+        return t * (1 + eps / 2 * (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1))
+
+    module = copy.deepcopy(module)
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.is_floating_point():
+                t.copy_(move(t))
+    return module, [move(x) if x.is_floating_point() else x for x in inputs]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 rule on the output and the gradients to the inputs and every parameter; masks, batch_first, state_dict, dtype,
 train/eval with dropout, learnable scaling and torch.compile(fullgraph=True)."""
 import copy
-import itertools
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from accel.nn import Hopfield, HopfieldLayer, HopfieldPooling
 from accel.numerics import judge
 from accel.reference import hopfield as reference
-from conftest import assert_by_rule
+from conftest import assert_by_rule, outputs_and_gradients, perturbed_copy
 
 F32, F64 = torch.float32, torch.float64
 
@@ -35,32 +34,6 @@ def by_hand(m: Hopfield, stored, state, projection, padding=None, mask=None, kee
     if keep is not None:
         out = (p * keep.to(p.dtype)) @ v
     return m.out_proj(out.transpose(1, 2).flatten(2))
-
-
-def _run(fn, module, inputs, seed):
-    """fn(module, *inputs), and the gradients of <g, output> (g random, drawn from seed) with respect to the
-    floating inputs and the module's trainable parameters: {name: tensor}."""
-    leaves = [x.detach().clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
-    out = fn(module, *leaves)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(out.dtype)
-    wrt = [(f"grad of input {i}", x) for i, x in enumerate(leaves) if x.is_floating_point()]
-    wrt += [(f"grad of {name}", p) for name, p in module.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out, [t for _, t in wrt], g, allow_unused=True, materialize_grads=True)
-    return {"output": out.detach(), **{name: grad for (name, _), grad in zip(wrt, grads)}}
-
-
-def _perturbed(module, inputs, gen):
-    """A float64 copy of the module and inputs with every value moved by up to half a float32 ulp: another
-    rounding as likely as float32's own."""
-    def move(t):
-        return t * (1 + torch.finfo(F32).eps / 2 * (2 * torch.rand(t.shape, generator=gen, dtype=F64) - 1))
-
-    module = copy.deepcopy(module)
-    with torch.no_grad():
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if t.is_floating_point():
-                t.copy_(move(t))
-    return module, [move(x) if x.is_floating_point() else x for x in inputs]
 
 
 def term_scales(slow, m64, inputs64, seed):
@@ -118,12 +91,12 @@ def verdicts(module, fast, slow, inputs, seed=0, perturbations=1):
     steps, beta's gradient by up to 17x)."""
     m64 = copy.deepcopy(module).double()
     inputs64 = [x.double() if x.is_floating_point() else x for x in inputs]
-    got, ref64 = _run(fast, module, inputs, seed), _run(slow, m64, inputs64, seed)
+    got, ref64 = outputs_and_gradients(fast, module, inputs, seed), outputs_and_gradients(slow, m64, inputs64, seed)
     scales = term_scales(slow, m64, inputs64, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    candidates = [_run(slow, module, inputs, seed), {k: v.float() for k, v in ref64.items()}]
+    candidates = [outputs_and_gradients(slow, module, inputs, seed), {k: v.float() for k, v in ref64.items()}]
     for _ in range(perturbations):
-        candidates.append({k: v.float() for k, v in _run(slow, *_perturbed(m64, inputs64, gen), seed).items()})
+        candidates.append({k: v.float() for k, v in outputs_and_gradients(slow, *perturbed_copy(m64, inputs64, gen), seed).items()})
     result = {}
     for name, r64 in ref64.items():
         worst = max((c[name] for c in candidates), key=lambda c: (c.double() - r64).abs().max().item())

@@ -2,7 +2,6 @@
 float32 and on a float64 copy, by the numerics rule on the output and the gradients to the input and every
 parameter; the recurrent mode, causality and the bidirectional kernel, gradcheck, state_dict and compile."""
 import copy
-import itertools
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from accel.nn import LSSL
 from accel.numerics import judge
 from accel.reference import lssl as reference
-from conftest import assert_by_rule
+from conftest import assert_by_rule, outputs_and_gradients, perturbed_copy
 
 F32, F64 = torch.float32, torch.float64
 
@@ -40,29 +39,6 @@ def bidirectional_forward(layer: LSSL, u: torch.Tensor) -> torch.Tensor:
 PERTURBATIONS = 3
 
 
-def _run(fn, module, u, seed):
-    """fn(module, u), and the gradients of <g, output> (g random, from seed) to u and the trainable parameters."""
-    u = u.detach().clone().requires_grad_()
-    out = fn(module, u)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(out.dtype)
-    wrt = [("grad of u", u)] + [(f"grad of {n}", p) for n, p in module.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out, [t for _, t in wrt], g, allow_unused=True, materialize_grads=True)
-    return {"output": out.detach(), **{name: grad for (name, _), grad in zip(wrt, grads)}}
-
-
-def _perturbed(module, u, gen):
-    """A float64 copy of the layer and input with every value moved by up to half a float32 ulp."""
-    def move(t):
-        return t * (1 + torch.finfo(F32).eps / 2 * (2 * torch.rand(t.shape, generator=gen, dtype=F64) - 1))
-
-    module = copy.deepcopy(module)
-    with torch.no_grad():
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if t.is_floating_point():
-                t.copy_(move(t))
-    return module, move(u)
-
-
 def verdicts(layer, fast, slow, u, seed=0, perturbations=PERTURBATIONS):
     """fast(layer, u) in float32 against slow(layer, u) by the numerics rule, output and gradients: {name: (fast's,
     the yardstick of the reference's float32 error, the float64 reference, Verdict)}. The yardstick is the worst
@@ -71,11 +47,11 @@ def verdicts(layer, fast, slow, u, seed=0, perturbations=PERTURBATIONS):
     against slow in float32 alone it failed the rule in 3 of 400 draws (by up to 31x), with one perturbation in 1
     of 600, with three in none of 600 (100 draws of each test below)."""
     layer64 = copy.deepcopy(layer).double()
-    got, ref64 = _run(fast, layer, u, seed), _run(slow, layer64, u.double(), seed)
+    got, ref64 = outputs_and_gradients(fast, layer, [u], seed), outputs_and_gradients(slow, layer64, [u.double()], seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    candidates = [_run(slow, layer, u, seed), {k: v.float() for k, v in ref64.items()}]
+    candidates = [outputs_and_gradients(slow, layer, [u], seed), {k: v.float() for k, v in ref64.items()}]
     for _ in range(perturbations):
-        candidates.append({k: v.float() for k, v in _run(slow, *_perturbed(layer64, u.double(), gen), seed).items()})
+        candidates.append({k: v.float() for k, v in outputs_and_gradients(slow, *perturbed_copy(layer64, [u.double()], gen), seed).items()})
     result = {}
     for name, r64 in ref64.items():
         worst = max((c[name] for c in candidates), key=lambda c: (c.double() - r64).abs().max().item())

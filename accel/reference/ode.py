@@ -16,7 +16,6 @@ limited by stability when h rho exceeds the method's stability bound on the nega
 Every sample of a batch runs its own t and h here (per-sample step control), looping in Python.
 """
 from dataclasses import dataclass
-import math
 
 import torch
 
