@@ -62,6 +62,13 @@ def operand_scale(*tensors) -> float:
     return top
 
 
+def farthest(candidates, reference64: torch.Tensor) -> torch.Tensor:
+    """Of several computations of one output in a dtype (draws of a reference's error there: other orders of its
+    sums, other roundings of its inputs), the one farthest from the float64 reference. One draw is often near 0 on
+    outputs of few numbers or that cancel, so the rule's yardstick is the largest of several."""
+    return max(candidates, key=lambda c: scaled_error(c, reference64, 1.0))  # any positive scale orders alike
+
+
 @dataclass
 class Verdict:
     error: float  # the fast op's scaled error against the float64 reference

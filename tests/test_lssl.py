@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from accel.nn import LSSL
-from accel.numerics import judge
+from accel.numerics import farthest, judge
 from accel.reference import lssl as reference
 from conftest import assert_by_rule, outputs_and_gradients, perturbed_copy
 
@@ -54,7 +54,7 @@ def verdicts(layer, fast, slow, u, seed=0, perturbations=PERTURBATIONS):
         candidates.append({k: v.float() for k, v in outputs_and_gradients(slow, *perturbed_copy(layer64, [u.double()], gen), seed).items()})
     result = {}
     for name, r64 in ref64.items():
-        worst = max((c[name] for c in candidates), key=lambda c: (c.double() - r64).abs().max().item())
+        worst = farthest([c[name] for c in candidates], r64)
         assert got[name].dtype == F32, name
         result[name] = (got[name], worst, r64, judge(got[name], worst, r64))
     return result

@@ -27,7 +27,7 @@ import accel.ops
 from accel.ops import (batch_norm_mix, binary_linear, binary_matmul, causal_conv, darts_pool_branches, dequantize,
                        depthwise_conv2d, fake_quantize, hopfield_energy, hopfield_update, krylov_kernel, mixed_op,
                        pack_bits, quant_matmul, quantize, quantize_to_points, rk_finalize, rk_stage, unpack_bits)
-from accel.numerics import operand_scale, scaled_error
+from accel.numerics import farthest, operand_scale
 from accel.ops.quantize import CODES_PER_BLOCK, unpack_codes
 from accel.reference import binary as binary_ref
 from accel.reference import depthwise_conv2d as depthwise_ref
@@ -208,10 +208,6 @@ def by_rule(fast, reference, inputs, dtype, seed, differentiable=(), grad_of=Non
     simulated = [run(reference, args, F64) for args in (rounded, [_perturbed(t, eps, gen) for t in inputs])]
     arithmetic = [(run(reference, args, dtype), run(reference, args, F64)) for args in nudged]
 
-    def worst(candidates, r64, scale):
-        """The reference's error in dtype: the candidate farthest from the float64 reference."""
-        return max(candidates, key=lambda c: scaled_error(c, r64, scale))
-
     def drawn(base64, in_d, at64):
         """The rounded inputs' float64 result plus one draw of the reference's arithmetic error."""
         return base64.detach() + (in_d.detach().double() - at64.detach())
@@ -220,7 +216,7 @@ def by_rule(fast, reference, inputs, dtype, seed, differentiable=(), grad_of=Non
         assert f.dtype == dtype, f"output {i}: dtype {f.dtype}, expected {dtype}"
         candidates = [r[1][i] for r in in_dtype] + [r[1][i].to(dtype) for r in simulated]
         candidates += [drawn(simulated[0][1][i], d[1][i], a[1][i]) for d, a in arithmetic]
-        assert_by_rule(f, worst(candidates, r64, in_scale), r64, f"output {i}", factor, in_scale)
+        assert_by_rule(f, farthest(candidates, r64), r64, f"output {i}", factor, in_scale)
     if not differentiable:
         return
     grad_of = range(len(ref64[1])) if grad_of is None else grad_of
@@ -243,7 +239,7 @@ def by_rule(fast, reference, inputs, dtype, seed, differentiable=(), grad_of=Non
                    for d_run, a_run in arithmetic]
     g_scale = in_scale * operand_scale(*g64.values())
     for n, j in enumerate(differentiable):
-        assert_by_rule(fast_grads[n], worst([c[n] for c in candidates], grads64[n], g_scale), grads64[n],
+        assert_by_rule(fast_grads[n], farthest([c[n] for c in candidates], grads64[n]), grads64[n],
                        f"grad of input {j}", factor, g_scale)
 
 

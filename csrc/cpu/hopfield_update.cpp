@@ -47,8 +47,8 @@ int64_t block_rows(int64_t L, int64_t S) { return std::max<int64_t>(1, std::min(
 // reuse the forward's 1/sum: a product of the same operands may round differently the second time (MKL's sgemm
 // rounds by the operands' alignment), and the forward's sum does not normalise the new logits, so a sharp row's
 // largest weight would carry the logits' whole rounding error, which grows with beta; a softmax of its own
-// logits cancels the error they share. A row
-// whose logits are all -inf (every stored pattern masked) or hold a NaN gives NaN, as in torch.softmax.
+// logits cancels the error they share. A row whose logits are all -inf (every stored pattern masked) or hold a
+// NaN gives NaN, as in torch.softmax.
 
 template <typename T>
 std::pair<T, T> exp_row_portable(T* x, int64_t S) {  // (max, sum of the exponentials)
