@@ -72,4 +72,8 @@ def main(argv=None) -> int:
     for op in ops():
         cuda = backend(op, "CUDA") + ("" if torch.cuda.is_available() else " (no CUDA device here)")
         print(f"  {op:<30} cpu: {backend(op, 'CPU'):<22} cuda: {cuda}")
+    from accel.nn.hopfield import REFERENCE_PATH
+    print("\nreference path (PyTorch, the anchor's loop) for these module options, per call:")
+    for option in REFERENCE_PATH:
+        print(f"  Hopfield layers: {option}")
     return 0

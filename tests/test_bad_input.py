@@ -812,7 +812,7 @@ for _row in [
     ("Hopfield-hidden_size-zero", lambda: Hopfield(4, hidden_size=0), "hidden_size"),
     ("Hopfield-pattern_size-negative", lambda: Hopfield(4, pattern_size=-1), "pattern_size"),
     ("Hopfield-output_size-zero", lambda: Hopfield(4, output_size=0), "output_size"),
-    ("Hopfield-update_steps_max-negative", lambda: Hopfield(4, update_steps_max=-1), "update_steps_max"),
+    ("Hopfield-update_steps_max-float", lambda: Hopfield(4, update_steps_max=1.5), "update_steps_max"),
     ("Hopfield-update_steps_eps-negative", lambda: Hopfield(4, update_steps_eps=-1e-4), "update_steps_eps"),
     ("Hopfield-scaling-nan", lambda: Hopfield(4, scaling=NAN), "scaling"),
     ("Hopfield-dropout-one", lambda: Hopfield(4, dropout=1.0), "dropout"),
@@ -947,7 +947,7 @@ ok("HopfieldPooling-nan-in-input", lambda: HopfieldPooling(4)(with_value(r(2, 5,
 bad("HopfieldLayer-input-wrong-features", lambda: HopfieldLayer(4, 3)(r(2, 5, 3)), "input")
 bad("HopfieldLayer-input-wrong-rank", lambda: HopfieldLayer(4, 3)(r(5, 4)), "input")
 bad("HopfieldLayer-association_mask-wrong-shape",
-    lambda: HopfieldLayer(4, 3)(r(2, 5, 4), torch.zeros(5, 4, dtype=torch.bool)), "association_mask")
+    lambda: HopfieldLayer(4, 3)(r(2, 5, 4), association_mask=torch.zeros(5, 4, dtype=torch.bool)), "association_mask")
 ok("HopfieldLayer-nan-in-input", lambda: HopfieldLayer(4, 3)(with_value(r(2, 5, 4), (0, 2, 1), NAN)), nan_at((0, 2)))
 
 

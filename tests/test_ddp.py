@@ -92,7 +92,9 @@ def _worker(rank, store_path, out_dir):
     try:
         results = {}
         for name, model, x, target, _ in _models():
-            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=(name == "darts"))
+            # DARTS: alphas_normal is unused with 2 cells; Hopfield: with one input tensor the first step maps the
+            # state patterns for all three inputs (as hflayers does), so two normalisations get no gradient
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=name in ("darts", "hopfield"))
             mine = slice(rank * HALF, (rank + 1) * HALF)
             results[name] = _train(name, ddp, lambda: _loss(name, ddp(x[mine]), target[mine]))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -131,6 +133,16 @@ def reference_results():
         torch.set_num_threads(before)
 
 
+def _unused(name, step, param):
+    """alphas_normal with 2 cells. The Hopfield model's normalisations while they are equal (see _worker): in
+    step 0 all three are, so only the state patterns' gets a gradient; in step 1 the stored patterns' and the
+    projections' still are, so the projections' gets none."""
+    if name == "darts":
+        return param == "alphas_normal"
+    norm = param.split(".")[1] if name == "hopfield" else None
+    return norm == "norm_pattern_projection" or (norm == "norm_stored_pattern" and step == 0)
+
+
 @pytest.mark.parametrize("name", ["darts", "hopfield", "lssl"])
 def test_ddp_matches_single_process_training(ddp_results, reference_results, name):
     want = reference_results[name]
@@ -139,7 +151,7 @@ def test_ddp_matches_single_process_training(ddp_results, reference_results, nam
         for step in range(STEPS):
             assert got["grads"][step].keys() == want["grads"][step].keys()
             for param, g in want["grads"][step].items():
-                assert g.abs().max() > 0 or param == "alphas_normal", f"{name}: {param} has no gradient"
+                assert g.abs().max() > 0 or _unused(name, step, param), f"{name}: {param} has no gradient"
                 torch.testing.assert_close(got["grads"][step][param], g, rtol=1e-5, atol=1e-7,
                                            msg=lambda m: f"{name}, rank {rank}, step {step}, grad {param}: {m}")
         for param, p in want["params"].items():

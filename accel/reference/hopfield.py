@@ -86,6 +86,49 @@ def hopfield_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta, ste
     return p @ v, p, taken
 
 
+def association_per_head(q: torch.Tensor, k: torch.Tensor, scale, steps_max: torch.Tensor,
+                         eps: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                         per_row: bool = False, rounds: int | None = None) -> torch.Tensor:
+    """hflayers' update loop with its stopping rule: the association (B, H, L, S) after the updates.
+
+    q: (B, H, L, d) state patterns and k: (B or 1, H, S, d) stored patterns; scale: beta, a number or a tensor
+    broadcasting against q (hflayers multiplies the state patterns by it, feature by feature); steps_max: (H,)
+    the updates each head may make (< 0: no bound); eps: (H,) thresholds, or None for no stopping rule;
+    mask: additive, broadcasting against (B, H, L, S).
+
+    After each update, head h goes on while it has updates left and some sample's association changed by more
+    than eps[h] (the Frobenius norm over L x S, largest over the batch). With per_row, each row goes on while its
+    own association changed by at least eps[h] (the Euclidean norm over S), the rule of hopfield_update above.
+    What stopped keeps its association. The loop reads the rule back every step (a host sync), as hflayers;
+    rounds (the largest of steps_max, when all are bounded) caps it, so that a compiled graph runs that many
+    masked updates instead and never reads it back."""
+    def associate(state):
+        logits = (state * scale) @ k.transpose(-1, -2)
+        return torch.softmax(logits if mask is None else logits + mask, dim=-1)
+
+    p = associate(q)
+    bound = steps_max.view(1, -1, 1, 1)
+    taken = 0
+    active = ((bound > taken) | (bound < 0)).expand(*p.shape[:3], 1)
+    while rounds is None or taken < rounds:
+        if not torch.compiler.is_compiling() and not bool(active.any()):
+            break
+        previous = p
+        p = torch.where(active, associate(p @ k), p)
+        taken += 1
+        with torch.no_grad():
+            going = (bound > taken) | (bound < 0)
+            if eps is not None:
+                change = p - previous
+                threshold = eps.view(1, -1, 1, 1)
+                if per_row:
+                    going = going & (change.norm(dim=-1, keepdim=True) >= threshold)
+                else:
+                    going = going & (change.norm(dim=(2, 3)).amax(dim=0).view(1, -1, 1, 1) > threshold)
+            active = active & going
+    return p
+
+
 def hopfield_energy(xi: torch.Tensor, X: torch.Tensor, beta) -> torch.Tensor:
     """E(xi) for state patterns xi (..., L, d) against stored patterns X (..., N, d): (..., L)."""
     N = X.shape[-2]
