@@ -421,20 +421,25 @@ def test_head_stopping_rule():
 
 
 def test_reference_path_serves_what_the_op_cannot(monkeypatch):
-    """The head rule with update steps runs the reference loop; the default (no update steps) and the row rule
-    run the op."""
+    """The op serves the default, the row rule and hflayers' head rule (once per group of heads with the same
+    update count); per-head tensors, unbounded updates and the head rule under dropout run the reference loop."""
     import accel.nn.hopfield as module
     calls = []
     real = module.hopfield_update
-    monkeypatch.setattr(module, "hopfield_update", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(module, "hopfield_update", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     x = torch.randn(2, 4, 8)
     Hopfield(8, num_heads=2)(x)
     Hopfield(8, num_heads=2, update_steps_max=2, stopping_rule="row")(x)
-    assert len(calls) == 2
-    Hopfield(8, num_heads=2, update_steps_max=2)(x)
+    assert calls == [0, 2]
+    torch.manual_seed(2)
+    heads = Hopfield(8, num_heads=2, update_steps_max=6, update_steps_eps=1e-4, scaling=6.0)
+    heads(torch.randn(3, 5, 8))
+    assert sorted(calls[2:]) == [3, 4]  # the counts test_head_stopping_rule finds for these heads
+    calls.clear()
     Hopfield(8, num_heads=2, scaling=torch.tensor([1.0, 2.0]))(x)
     Hopfield(8, num_heads=2, update_steps_max=None)(x)
-    assert len(calls) == 2
+    Hopfield(8, num_heads=2, update_steps_max=2, dropout=0.2).train()(x)
+    assert calls == []
 
 
 def test_uint8_masks_read_as_bool():

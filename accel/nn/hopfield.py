@@ -30,7 +30,8 @@ sample's pattern (the same numbers wherever batch or num_heads is 1).
 
 The update steps run in accel.ops.hopfield_update (fused, no L x S association kept for autograd) where it
 serves the call; hflayers' stopping rule (a head stops once no sample's association changed by more than eps)
-needs a host sync per step, so those calls run accel.reference.hopfield's loop: see REFERENCE_PATH.
+needs a host sync per step: a pass without gradients counts each head's updates, then the op runs them; the
+options in REFERENCE_PATH run accel.reference.hopfield's loop.
 """
 import math
 
@@ -46,9 +47,10 @@ STOPPING_RULES = ("head", "row")
 
 # the options that the fused op cannot serve, for `python -m accel info`
 REFERENCE_PATH = (
-    "update_steps_max > 0 with stopping_rule='head' (hflayers' rule, the default) and update_steps_eps not None",
     "update_steps_max given as a per-head tensor or as None (unbounded)",
-    "scaling given as a per-head tensor",
+    "scaling or update_steps_eps given as a per-head tensor",
+    "update steps with hflayers' rule (stopping_rule='head', the default) while training with dropout, or "
+    "under torch.compile (elsewhere the op runs them, after a pass without gradients counts each head's updates)",
 )
 
 
@@ -402,14 +404,19 @@ class Hopfield(nn.Module):
         index = torch.arange(self.num_heads * width, device=like.device) % self.num_heads
         return self.__scaling.to(like)[index].reshape(self.num_heads, 1, width)
 
-    def _fused(self) -> bool:
-        """Whether accel.ops.hopfield_update serves the layer's options (see REFERENCE_PATH)."""
+    def _path(self, q: Tensor) -> str:
+        """Which retrieval serves the call: "op" (accel.ops.hopfield_update as it is), "op per head" (hflayers'
+        rule: each head's update count found first without gradients, then the op at that count), or
+        "reference" (accel.reference.hopfield's loop; see REFERENCE_PATH)."""
         steps, eps = self._steps_max, self._steps_eps
-        if isinstance(steps, Tensor) or steps < 0:
-            return False
-        if isinstance(self.__scaling, Tensor) and self.__scaling.dim() == 1:
-            return False
-        return steps == 0 or eps is None or (self.stopping_rule == "row" and not isinstance(eps, Tensor))
+        if isinstance(steps, Tensor) or steps < 0 or (isinstance(self.__scaling, Tensor) and self.__scaling.dim()):
+            return "reference"
+        if steps == 0 or eps is None or (self.stopping_rule == "row" and not isinstance(eps, Tensor)):
+            return "op"
+        if self.stopping_rule == "row" or (self.training and self.dropout > 0) or q.shape[0] == 0 \
+                or torch.compiler.is_compiling():
+            return "reference"
+        return "op per head"
 
     def _associate(self, stored: Tensor, state: Tensor, projection: Tensor, padding, association_mask,
                    want: str = "output"):
@@ -427,8 +434,11 @@ class Hopfield(nn.Module):
             return v.expand(B, -1, -1, -1)
         if padding is not None and k.shape[0] != B:  # padding of stored patterns shared by the batch
             k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        if self._fused():
+        path = self._path(q)
+        if path == "op":
             out, association = self._fused_retrieval(q, k, v, padding, mask, want == "association")
+        elif path == "op per head":
+            out, association = self._per_head_retrieval(q, k, v, padding, mask, want == "association")
         else:
             out, association = self._reference_retrieval(q, k, v, padding, mask)
         if want == "association":
@@ -459,6 +469,41 @@ class Hopfield(nn.Module):
         result = hopfield_update(q, k, v, beta, steps, mask=mask, key_padding_mask=padding, eps=eps,
                                  return_association=return_association)
         return result if return_association else (result, None)
+
+    def _per_head_retrieval(self, q, k, v, padding, mask, return_association: bool):
+        """hflayers' per-head rule on the op: a pass without gradients (no association kept, one host read per
+        update, as hflayers) finds how many updates each head makes; then the op runs each group of heads with
+        the same count for exactly that many, its backward recomputing instead of keeping L x S per update."""
+        beta = self.__scaling
+        beta = beta.to(q) if isinstance(beta, Tensor) else beta
+        with torch.no_grad():
+            _, updates = reference.association_per_head(
+                q, k, beta, torch.full((self.num_heads,), self._steps_max, device=q.device),
+                torch.as_tensor(self._steps_eps, dtype=q.dtype, device=q.device).expand(self.num_heads),
+                reference.additive_mask(padding, mask, q.dtype), rounds=self._rounds, return_updates=True)
+        counts = updates[0, :, 0].tolist()
+        groups = {}
+        for head, count in enumerate(counts):
+            groups.setdefault(count, []).append(head)
+        if len(groups) == 1:
+            result = hopfield_update(q, k, v, beta, counts[0], mask=mask, key_padding_mask=padding,
+                                     return_association=return_association)
+            return result if return_association else (result, None)
+        outs, associations, order = [], [], []
+        for count, heads in groups.items():
+            index = torch.tensor(heads, device=q.device)
+            head_mask = mask.index_select(1, index) if mask is not None and mask.dim() == 4 and mask.shape[1] > 1 \
+                else mask
+            result = hopfield_update(q.index_select(1, index), k.index_select(1, index), v.index_select(1, index),
+                                     beta, count, mask=head_mask, key_padding_mask=padding,
+                                     return_association=return_association)
+            out, association = result if return_association else (result, None)
+            outs.append(out)
+            associations.append(association)
+            order += heads
+        inverse = torch.argsort(torch.tensor(order, device=q.device))
+        out = torch.cat(outs, 1).index_select(1, inverse)
+        return out, torch.cat(associations, 1).index_select(1, inverse) if return_association else None
 
     def _reference_retrieval(self, q, k, v, padding, mask):
         scaling = self.__scaling

@@ -88,7 +88,7 @@ def hopfield_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta, ste
 
 def association_per_head(q: torch.Tensor, k: torch.Tensor, scale, steps_max: torch.Tensor,
                          eps: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                         per_row: bool = False, rounds: int | None = None) -> torch.Tensor:
+                         per_row: bool = False, rounds: int | None = None, return_updates: bool = False):
     """hflayers' update loop with its stopping rule: the association (B, H, L, S) after the updates.
 
     q: (B, H, L, d) state patterns and k: (B or 1, H, S, d) stored patterns; scale: beta, a number or a tensor
@@ -101,7 +101,7 @@ def association_per_head(q: torch.Tensor, k: torch.Tensor, scale, steps_max: tor
     own association changed by at least eps[h] (the Euclidean norm over S), the rule of hopfield_update above.
     What stopped keeps its association. The loop reads the rule back every step (a host sync), as hflayers;
     rounds (the largest of steps_max, when all are bounded) caps it, so that a compiled graph runs that many
-    masked updates instead and never reads it back."""
+    masked updates instead and never reads it back. return_updates: also the updates each row made, (B, H, L)."""
     def associate(state):
         logits = (state * scale) @ k.transpose(-1, -2)
         return torch.softmax(logits if mask is None else logits + mask, dim=-1)
@@ -110,11 +110,13 @@ def association_per_head(q: torch.Tensor, k: torch.Tensor, scale, steps_max: tor
     bound = steps_max.view(1, -1, 1, 1)
     taken = 0
     active = ((bound > taken) | (bound < 0)).expand(*p.shape[:3], 1)
+    updates = torch.zeros(p.shape[:3], dtype=torch.long, device=p.device)
     while rounds is None or taken < rounds:
         if not torch.compiler.is_compiling() and not bool(active.any()):
             break
         previous = p
         p = torch.where(active, associate(p @ k), p)
+        updates = updates + active[..., 0]
         taken += 1
         with torch.no_grad():
             going = (bound > taken) | (bound < 0)
@@ -126,7 +128,7 @@ def association_per_head(q: torch.Tensor, k: torch.Tensor, scale, steps_max: tor
                 else:
                     going = going & (change.norm(dim=(2, 3)).amax(dim=0).view(1, -1, 1, 1) > threshold)
             active = active & going
-    return p
+    return (p, updates) if return_updates else p
 
 
 def hopfield_energy(xi: torch.Tensor, X: torch.Tensor, beta) -> torch.Tensor:
