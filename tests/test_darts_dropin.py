@@ -144,3 +144,27 @@ def test_checkpoints_load_strictly_into_the_eager_network_and_back():
     fast2.load_state_dict(eager.state_dict(), strict=True)
     for (k, a), b in zip(fast.state_dict().items(), fast2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_pc_darts_names_and_defaults():
+    """accel.nn.pc_darts under PC-DARTS' names: Network(C, num_classes, layers, criterion) with K = 4 partial
+    channels and edge normalisation, its four architecture tensors in PC-DARTS' order, a Cell taking the edge
+    weights as its fourth argument, and MixedOp(C, stride) on C / 4 channels."""
+    from accel.nn import pc_darts
+
+    net = pc_darts.Network(8, 10, 3, nn.CrossEntropyLoss())
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(14, 8), (14, 8), (14,), (14,)]
+    assert net.arch_parameters()[2] is net.betas_normal and net.arch_parameters()[3] is net.betas_reduce
+    assert all(a.is_leaf and a.requires_grad for a in net.arch_parameters())
+    assert isinstance(net.new(), pc_darts.Network)
+    edge = pc_darts.MixedOp(8, 1)
+    convs = [m for m in edge.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.in_channels == 2 for m in convs)  # the candidates see C / K = 2 channels
+    x = torch.randn(2, 8, 6, 6)
+    assert edge(x, torch.full((8,), 1 / 8)).shape == x.shape
+    cell = pc_darts.Cell(2, 2, 8, 8, 8, False, False)
+    weights, weights2 = torch.full((5, 8), 1 / 8), torch.tensor([0.5, 0.5, 0.2, 0.3, 0.5])
+    # the fourth argument scales each edge's output: all ones is no scaling, other values change the output
+    torch.testing.assert_close(cell(x, x, weights, torch.ones(5)), cell(x, x, weights))
+    assert not torch.allclose(cell(x, x, weights, weights2), cell(x, x, weights))
+    assert net.genotype().normal_concat == range(2, 6)

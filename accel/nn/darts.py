@@ -228,8 +228,9 @@ class Network(nn.Module):
         """A network of the same configuration, on the same device and dtype, with a copy of the architecture
         parameters (and fresh weights): DARTS' Architect builds its unrolled model from it."""
         any_tensor = self.classifier.weight
-        net = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps, self._multiplier,
-                      self._stem_multiplier, self._mixed_op, **self._options).to(any_tensor.device, any_tensor.dtype)
+        net = type(self)(self._C, self._num_classes, self._layers, self._criterion, self._steps, self._multiplier,
+                         self._stem_multiplier, self._mixed_op, **self._options).to(any_tensor.device,
+                                                                                    any_tensor.dtype)
         with torch.no_grad():
             for mine, theirs in zip(net.arch_parameters(), self.arch_parameters()):
                 mine.copy_(theirs)
