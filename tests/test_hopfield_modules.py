@@ -473,3 +473,40 @@ def test_projected_pattern_matrix_and_zero_association():
     assert (got[:, :, 5] == 0).all()
     logits = F.pad(q @ k.transpose(-1, -2) * m.scaling, (0, 1))  # the zero pattern's logit is 0
     torch.testing.assert_close(m.get_association_matrix(x), torch.softmax(logits, -1))
+
+
+def test_hopfield_space_normalisation_connected_projection_and_static_state():
+    """Three of hflayers' options from their formulas (float64, no input normalisations, 2 heads of width 3):
+    normalize_hopfield_space: each head's q and k layer-normalised over its width (weight and bias
+    p_norm_*); pattern_projection_as_connected: the projections go through the stored patterns' map first,
+    then v_proj_weight; state_pattern_as_static: the state patterns enter the Hopfield space unmapped, the same
+    pattern for every head."""
+    plain = dict(normalize_stored_pattern=False, normalize_stored_pattern_affine=False, normalize_state_pattern=False,
+                 normalize_state_pattern_affine=False, normalize_pattern_projection=False,
+                 normalize_pattern_projection_affine=False, num_heads=2, hidden_size=3)
+    m = Hopfield(8, pattern_projection_as_connected=True, normalize_hopfield_space=True,
+                 normalize_hopfield_space_affine=True, **plain).double()
+    c = m.association_core
+    with torch.no_grad():
+        c.p_norm_weight.uniform_(0.5, 1.5)
+        c.p_norm_bias.uniform_(-0.5, 0.5)
+        c.in_proj_bias.normal_()
+    stored, state, projection = (torch.randn(2, n, 8, dtype=F64) for n in (6, 4, 6))
+    b = c.in_proj_bias
+    heads = lambda t: t.unflatten(-1, (2, 3)).transpose(1, 2)  # noqa: E731
+    norm = lambda t: F.layer_norm(t, (3,), c.p_norm_weight, c.p_norm_bias, 1e-5)  # noqa: E731
+    q = norm(heads(F.linear(state, c.q_proj_weight, b[:6])))
+    k = norm(heads(F.linear(stored, c.k_proj_weight, b[6:12])))
+    v = heads(F.linear(F.linear(projection, c.k_proj_weight, b[6:12]), c.v_proj_weight, b[12:]))
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(3), -1)
+    want = c.out_proj((p @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(m((stored, state, projection)), want, rtol=1e-13, atol=1e-15)
+
+    s = Hopfield(8, state_pattern_as_static=True, **plain).double()
+    c = s.association_core
+    raw_state = torch.randn(2, 4, 3, dtype=F64)  # static: width hidden_size
+    w, b = c.in_proj_weight, c.in_proj_bias  # rows: stored patterns' map, then projections' (no state map)
+    k, v = heads(F.linear(stored, w[:6], b[:6])), heads(F.linear(projection, w[6:], b[6:]))
+    p = torch.softmax(raw_state[:, None] @ k.transpose(-1, -2) / math.sqrt(3), -1)
+    want = c.out_proj((p @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(s((stored, raw_state, projection)), want, rtol=1e-13, atol=1e-15)
