@@ -1,5 +1,5 @@
 """Drop-in modules built on accel.ops."""
-from accel.nn import darts, pc_darts
+from accel.nn import darts, gdas, pc_darts
 from accel.nn.binary import BinaryLinear
 from accel.nn.depthwise_conv2d import DepthwiseConv2d, use_depthwise_kernels
 from accel.nn.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
@@ -9,4 +9,4 @@ from accel.nn.neural_ode import NeuralODE
 from accel.nn.quant import QuantLinear, distillation_loss, quantize_
 
 __all__ = ["BinaryLinear", "DepthwiseConv2d", "Hopfield", "HopfieldLayer", "HopfieldPooling", "LSSL", "MixedOp",
-           "NeuralODE", "QuantLinear", "darts", "distillation_loss", "pc_darts", "quantize_", "use_depthwise_kernels"]
+           "NeuralODE", "QuantLinear", "darts", "distillation_loss", "gdas", "pc_darts", "quantize_", "use_depthwise_kernels"]
