@@ -48,7 +48,7 @@ STOPPING_RULES = ("head", "row")
 # the options that the fused op cannot serve, for `python -m accel info`
 REFERENCE_PATH = (
     "update_steps_max given as a per-head tensor or as None (unbounded)",
-    "scaling or update_steps_eps given as a per-head tensor",
+    "scaling given as a per-head tensor; update_steps_eps given as one with stopping_rule='row'",
     "update steps with hflayers' rule (stopping_rule='head', the default) while training with dropout, or "
     "under torch.compile (elsewhere the op runs them, after a pass without gradients counts each head's updates)",
 )
@@ -332,7 +332,8 @@ class Hopfield(nn.Module):
             padding = padding.bool()
         if mask is None:
             return padding, None
-        if not isinstance(mask, Tensor) or not (mask.dtype in (torch.bool, torch.uint8) or mask.dtype.is_floating_point):
+        if not isinstance(mask, Tensor) or not (mask.dtype in (torch.bool, torch.uint8)
+                                                or mask.dtype.is_floating_point):
             raise TypeError("Hopfield: `association_mask` must be a bool, uint8 or floating-point tensor")
         try:
             fits = mask.dim() in (2, 3) and torch.broadcast_shapes(mask.shape[-2:], (L, S)) == (L, S) and \
