@@ -99,7 +99,7 @@ def test_weight_only_int4_at_the_bounds_of_the_int16_sums(group_size):
     """Activations of magnitude 1 with the codes at 0 and 15 where they are negative and positive: every product of
     a code by an activation's leading digit (127) is at its largest, so the AVX2 path's int16 sums over 256 codes
     come near their bound (16 * 8 * 127 as centred sums, 8 * 3810 of 32767 for the uncentred pairs)."""
-    K, N = 1024, 4
+    K = 1024
     signs = torch.randint(0, 2, (2, K)).float() * 2 - 1
     x = signs.clone()
     w = torch.stack([signs[0], signs[1], -signs[0], signs[0] * signs[1]])  # codes 0 and 15 only
