@@ -8,8 +8,8 @@ track_running_stats)``, with ``get_weights()``, ``get_alphas()``, ``set_tau``/``
 Each forward samples one operation per edge by the hard gumbel-softmax of the architecture logits (drawn as
 that code draws them, normal then reduce), runs only that operation and scales it by its straight-through
 weight. What differs is underneath: the depthwise convolutions of the separable convolutions run on
-accel.ops.depthwise_conv2d (same parameter and key), and the sampled indices are read once per forward instead
-of once per edge.
+accel.ops.depthwise_conv2d (same parameter and key), the pools on channels-last copies (accel.nn.pooling), and
+the sampled indices are read once per forward instead of once per edge.
 
 The operations are the candidates of that code's search spaces (SEARCH_SPACES), built with its module layout:
 ReLUConvBN, SepConv and DualSepConv hold an ``op`` Sequential (DualSepConv: ``op_a`` and ``op_b``), pooling a
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.nn.depthwise_conv2d import DepthwiseConv2d
+from accel.nn.pooling import AvgPool2d, MaxPool2d
 
 DARTS_SPACE = ["none", "skip_connect", "dua_sepc_3x3", "dua_sepc_5x5", "dil_sepc_3x3", "dil_sepc_5x5",
                "avg_pool_3x3", "max_pool_3x3"]
@@ -69,8 +70,8 @@ class Pooling(nn.Module):
         super().__init__()
         self.preprocess = None if C_in == C_out else \
             ReLUConvBN(C_in, C_out, 1, 1, 0, 1, affine, track_running_stats)
-        self.op = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False) if mode == "avg" else \
-            nn.MaxPool2d(3, stride=stride, padding=1)
+        self.op = AvgPool2d(3, stride=stride, padding=1, count_include_pad=False) if mode == "avg" else \
+            MaxPool2d(3, stride=stride, padding=1)
 
     def forward(self, x):
         return self.op(x if self.preprocess is None else self.preprocess(x))

@@ -11,7 +11,8 @@ What runs differs:
   BatchNorms' inputs for backward (eager DARTS keeps their outputs too, one more tensor per branch);
 - at stride 1 the max- and avg-pool branches with their BatchNorms run as one accel.ops.darts_pool_branches
   (float32), which keeps only x for backward;
-- 'none' is never run, and what is left (identity, pools at stride 2) is mixed by accel.ops.mixed_op;
+- 'none' is never run, and what is left (identity, pools at stride 2) is mixed by accel.ops.mixed_op; those
+  pools (and PC-DARTS' pooling of the bypassed channels) run on channels-last copies (accel.nn.pooling);
 - with partial channels, the concatenation with the bypassed channels and PC-DARTS' channel shuffle are one
   write of the output.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from accel.nn.depthwise_conv2d import use_depthwise_kernels
+from accel.nn.pooling import MaxPool2d, use_channels_last_pooling
 from accel.ops import batch_norm_mix, darts_pool_branches, mixed_op
 from accel.ops._checks import check_count
 from accel.reference.darts import OPS, PRIMITIVES, DilConv, FactorizedReduce, SepConv, search_ops
@@ -66,8 +68,9 @@ class MixedOp(nn.Module):
         self._channels = C
         self._k = partial_channels
         if partial_channels > 1:
-            self.mp = nn.MaxPool2d(2, 2)  # PC-DARTS' pooling of the bypassed channels at stride 2
-        self._ops = use_depthwise_kernels(search_ops(C // partial_channels, stride, primitives))
+            self.mp = MaxPool2d(2, 2)  # PC-DARTS' pooling of the bypassed channels at stride 2
+        self._ops = use_channels_last_pooling(use_depthwise_kernels(search_ops(C // partial_channels, stride,
+                                                                               primitives)))
         self._num_weights = len(primitives)
         computed = [k for k, name in enumerate(primitives) if name != "none"]
         if not computed:
