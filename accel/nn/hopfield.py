@@ -33,6 +33,7 @@ serves the call; hflayers' stopping rule (a head stops once no sample's associat
 needs a host sync per step: a pass without gradients counts each head's updates, then the op runs them; the
 options in REFERENCE_PATH run accel.reference.hopfield's loop.
 """
+import inspect
 import math
 
 import torch
@@ -632,6 +633,21 @@ class _Wrapper(nn.Module):
     """What HopfieldPooling and HopfieldLayer share: a Hopfield module, a ``quantity`` of learned patterns laid
     out (1, quantity, size) with batch_first (else (quantity, 1, size)), and hflayers' properties."""
 
+    def _make_hopfield(self, arguments: dict, accel_options: dict) -> None:
+        """self.hopfield from the wrapper's own arguments (``locals()``): those that Hopfield takes."""
+        names = [p.name for p in inspect.signature(Hopfield).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        self.hopfield = Hopfield(**{name: arguments[name] for name in names if name in arguments}, **accel_options)
+
+    def get_association_matrix(self, input, stored_pattern_padding_mask: Tensor | None = None,
+                               association_mask: Tensor | None = None) -> Tensor:
+        return self.hopfield.get_association_matrix(self._prepare_input(input), stored_pattern_padding_mask,
+                                                    association_mask)
+
+    def get_projected_pattern_matrix(self, input, stored_pattern_padding_mask: Tensor | None = None,
+                                     association_mask: Tensor | None = None) -> Tensor:
+        return self.hopfield.get_projected_pattern_matrix(self._prepare_input(input), stored_pattern_padding_mask,
+                                                          association_mask)
+
     def _learned(self, quantity: int, size: int, trainable: bool) -> nn.Parameter:
         check_count(type(self).__name__, "quantity", quantity)
         shape = (1, quantity, size) if self.hopfield.batch_first else (quantity, 1, size)
@@ -685,24 +701,7 @@ class HopfieldPooling(_Wrapper):
         """hflayers' arguments (those of Hopfield, then quantity and trainable); accel_options: Hopfield's
         keyword-only ones (stopping_rule) and the normalisations' eps."""
         super().__init__()
-        self.hopfield = Hopfield(
-            input_size, hidden_size, output_size, pattern_size, num_heads, scaling, update_steps_max,
-            update_steps_eps, normalize_stored_pattern=normalize_stored_pattern,
-            normalize_stored_pattern_affine=normalize_stored_pattern_affine,
-            normalize_state_pattern=normalize_state_pattern,
-            normalize_state_pattern_affine=normalize_state_pattern_affine,
-            normalize_pattern_projection=normalize_pattern_projection,
-            normalize_pattern_projection_affine=normalize_pattern_projection_affine,
-            normalize_hopfield_space=normalize_hopfield_space,
-            normalize_hopfield_space_affine=normalize_hopfield_space_affine,
-            stored_pattern_as_static=stored_pattern_as_static, state_pattern_as_static=state_pattern_as_static,
-            pattern_projection_as_static=pattern_projection_as_static,
-            pattern_projection_as_connected=pattern_projection_as_connected,
-            stored_pattern_size=stored_pattern_size, pattern_projection_size=pattern_projection_size,
-            batch_first=batch_first, association_activation=association_activation, dropout=dropout,
-            input_bias=input_bias, concat_bias_pattern=concat_bias_pattern,
-            add_zero_association=add_zero_association, disable_out_projection=disable_out_projection,
-            **accel_options)
+        self._make_hopfield(locals(), accel_options)
         self._quantity = quantity
         size = self.hopfield.hidden_size if state_pattern_as_static else self.hopfield.input_size
         self.pooling_weights = self._learned(quantity, size, trainable)
@@ -729,16 +728,6 @@ class HopfieldPooling(_Wrapper):
                 association_mask: Tensor | None = None) -> Tensor:
         return self.hopfield(self._prepare_input(input), stored_pattern_padding_mask, association_mask).flatten(1)
 
-    def get_association_matrix(self, input, stored_pattern_padding_mask: Tensor | None = None,
-                               association_mask: Tensor | None = None) -> Tensor:
-        return self.hopfield.get_association_matrix(self._prepare_input(input), stored_pattern_padding_mask,
-                                                    association_mask)
-
-    def get_projected_pattern_matrix(self, input, stored_pattern_padding_mask: Tensor | None = None,
-                                     association_mask: Tensor | None = None) -> Tensor:
-        return self.hopfield.get_projected_pattern_matrix(self._prepare_input(input), stored_pattern_padding_mask,
-                                                          association_mask)
-
 
 class HopfieldLayer(_Wrapper):
     """The input's patterns (B, L, input_size) associated with a learned table of ``quantity`` stored patterns
@@ -761,24 +750,7 @@ class HopfieldLayer(_Wrapper):
         """hflayers' arguments (Hopfield's with lookup_weights_as_separated and lookup_targets_as_trainable after
         update_steps_eps, then quantity and trainable); accel_options as HopfieldPooling's."""
         super().__init__()
-        self.hopfield = Hopfield(
-            input_size, hidden_size, output_size, pattern_size, num_heads, scaling, update_steps_max,
-            update_steps_eps, normalize_stored_pattern=normalize_stored_pattern,
-            normalize_stored_pattern_affine=normalize_stored_pattern_affine,
-            normalize_state_pattern=normalize_state_pattern,
-            normalize_state_pattern_affine=normalize_state_pattern_affine,
-            normalize_pattern_projection=normalize_pattern_projection,
-            normalize_pattern_projection_affine=normalize_pattern_projection_affine,
-            normalize_hopfield_space=normalize_hopfield_space,
-            normalize_hopfield_space_affine=normalize_hopfield_space_affine,
-            stored_pattern_as_static=stored_pattern_as_static, state_pattern_as_static=state_pattern_as_static,
-            pattern_projection_as_static=pattern_projection_as_static,
-            pattern_projection_as_connected=pattern_projection_as_connected,
-            stored_pattern_size=stored_pattern_size, pattern_projection_size=pattern_projection_size,
-            batch_first=batch_first, association_activation=association_activation, dropout=dropout,
-            input_bias=input_bias, concat_bias_pattern=concat_bias_pattern,
-            add_zero_association=add_zero_association, disable_out_projection=disable_out_projection,
-            **accel_options)
+        self._make_hopfield(locals(), accel_options)
         self._quantity = quantity
         size = self.hopfield.hidden_size if stored_pattern_as_static else self.hopfield.stored_pattern_dim
         self.lookup_weights = self._learned(quantity, size, trainable)
@@ -804,13 +776,3 @@ class HopfieldLayer(_Wrapper):
     def forward(self, input: Tensor, stored_pattern_padding_mask: Tensor | None = None,
                 association_mask: Tensor | None = None) -> Tensor:
         return self.hopfield(self._prepare_input(input), stored_pattern_padding_mask, association_mask)
-
-    def get_association_matrix(self, input: Tensor, stored_pattern_padding_mask: Tensor | None = None,
-                               association_mask: Tensor | None = None) -> Tensor:
-        return self.hopfield.get_association_matrix(self._prepare_input(input), stored_pattern_padding_mask,
-                                                    association_mask)
-
-    def get_projected_pattern_matrix(self, input: Tensor, stored_pattern_padding_mask: Tensor | None = None,
-                                     association_mask: Tensor | None = None) -> Tensor:
-        return self.hopfield.get_projected_pattern_matrix(self._prepare_input(input), stored_pattern_padding_mask,
-                                                          association_mask)
