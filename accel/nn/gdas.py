@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accel.nn.darts import edge_weights
 from accel.nn.depthwise_conv2d import DepthwiseConv2d
 from accel.nn.pooling import AvgPool2d, MaxPool2d
 
@@ -185,16 +186,12 @@ class NASNetSearchCell(nn.Module):
 
 
 def gumbel_hard(logits: torch.Tensor, tau: float):
-    """(straight-through one-hot weights, sampled index (edges, 1)): the hard gumbel-softmax of each row, drawn
-    again while a draw is not finite (an exponential of exactly 0 gives an infinite gumbel)."""
+    """accel.nn.darts' hard gumbel-softmax weights and sampled indices, drawn again while a draw is not finite
+    (an exponential of exactly 0 gives an infinite gumbel), as GDAS' code draws them."""
     while True:
-        gumbels = -torch.empty_like(logits).exponential_().log()
-        probs = F.softmax((logits.log_softmax(dim=1) + gumbels) / tau, dim=1)
-        if torch.isfinite(gumbels).all() and torch.isfinite(probs).all():
-            break
-    index = probs.max(-1, keepdim=True)[1]
-    one_hot = torch.zeros_like(logits).scatter_(-1, index, 1.0)
-    return one_hot - probs.detach() + probs, index
+        weights, index = edge_weights(logits, "gumbel_hard", tau)
+        if bool(torch.isfinite(weights).all()):
+            return weights, index
 
 
 class NASNetworkGDAS(nn.Module):
@@ -278,8 +275,8 @@ class NASNetworkGDAS(nn.Module):
     def forward(self, inputs):
         normal = gumbel_hard(self.arch_normal_parameters, self.tau)
         reduce = gumbel_hard(self.arch_reduce_parameters, self.tau)
-        normal = (normal[0], normal[1].flatten().tolist())  # one read of the sampled indices per forward
-        reduce = (reduce[0], reduce[1].flatten().tolist())
+        normal = (normal[0], normal[1].tolist())  # one read of the sampled indices per forward
+        reduce = (reduce[0], reduce[1].tolist())
         s0 = s1 = self.stem(inputs)
         for cell in self.cells:
             s0, s1 = s1, cell.forward_gdas(s0, s1, *(reduce if cell.reduction else normal))
