@@ -2,8 +2,8 @@
 from accel import _extension
 from accel import ops, reference
 from accel.nn.quant import quantize_
-from accel.ode import odeint
+from accel.ode import odeint, odeint_adjoint, odeint_event
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "ops", "quantize_", "reference", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ops", "quantize_", "reference", "__version__"]

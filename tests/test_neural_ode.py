@@ -1,5 +1,5 @@
-"""accel.nn.NeuralODE: the solution of accel.odeint at the end of t_span (and, in float64, of the per-sample
-reference solver, accel/reference/ode.py), the regularizer left for the loss in training mode only, nn.Module
+"""accel.nn.NeuralODE: the solution of accel.odeint (per_sample=True) at the end of t_span (and, in float64, of the
+per-sample reference solver, accel/reference/ode.py), the regularizer left for the loss in training mode only, nn.Module
 behaviour (state_dict, .to(), train/eval), and a few steps of training that fit a target map."""
 import copy
 
@@ -29,19 +29,21 @@ def test_forward_is_odeint_at_the_last_time_and_reports_nfe():
     block = NeuralODE(Field(), t_span=(0.0, 0.5, 1.0))
     x = torch.randn(7, 2)
     with torch.no_grad():
-        want, stats = accel.odeint(block.func, x, torch.tensor([0.0, 0.5, 1.0]), return_stats=True)
+        want, stats = accel.odeint(block.func, x, torch.tensor([0.0, 0.5, 1.0]), rtol=1e-6, atol=1e-8,
+                                   per_sample=True, return_stats=True)
         assert torch.equal(block(x), want[-1])
     assert block.nfe == stats["nfe"]
     block.return_trajectory = True
     with torch.no_grad():
         assert torch.equal(block(x), want)
-    # the parameters reach the solver: the gradients are odeint's (its discrete adjoint, tests/test_odeint.py)
+    # the parameters reach the solver: the gradients are odeint's (its discrete adjoint,
+    # tests/test_odeint_per_sample.py)
     block.return_trajectory = False
     leaf = x.clone().requires_grad_()
     params = list(block.parameters())
     got = torch.autograd.grad(block(leaf).square().sum(), [leaf, *params])
-    want = torch.autograd.grad(accel.odeint(block.func, leaf, torch.tensor([0.0, 0.5, 1.0]))[-1].square().sum(),
-                               [leaf, *params])
+    solution = accel.odeint(block.func, leaf, torch.tensor([0.0, 0.5, 1.0]), rtol=1e-6, atol=1e-8, per_sample=True)
+    want = torch.autograd.grad(solution[-1].square().sum(), [leaf, *params])
     assert all(g.abs().max() > 0 and torch.equal(g, w) for g, w in zip(got, want))
 
 
@@ -54,7 +56,7 @@ def test_forward_in_float64_is_the_reference_solution():
     with torch.no_grad():
         got = block(x)
         want, _ = reference.odeint(block.func, x, block.t_span, rtol=1e-7, atol=1e-9)
-    # the reference takes the same steps (test_odeint.py): the solutions agree to float64 rounding
+    # the reference takes the same steps (test_odeint_per_sample.py): the solutions agree to float64 rounding
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -66,7 +68,8 @@ def test_regularization_loss_only_while_training():
     block(x)
     loss = block.regularization_loss
     assert isinstance(loss, torch.Tensor) and loss.requires_grad and loss > 0
-    _, reg = accel.odeint(block.func, x, torch.tensor([0.0, 1.0]), regularization="error")
+    _, reg = accel.odeint(block.func, x, torch.tensor([0.0, 1.0]), rtol=1e-6, atol=1e-8, per_sample=True,
+                          regularization="error")
     torch.testing.assert_close(loss, 0.5 * reg.mean())
     block.eval()
     block(x)

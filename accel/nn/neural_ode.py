@@ -4,23 +4,23 @@ import torch
 from torch import Tensor, nn
 
 from accel.ode import odeint
-from accel.ode.odeint import check_options
+from accel.ode.per_sample import check_options
 from accel.ops._checks import is_real
 
-# accel.odeint's keyword options that NeuralODE passes through, and those of them check_options knows
-OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_steps", "check_every", "params",
+# accel.odeint's per-sample options that NeuralODE passes through, and those of them check_options knows
+OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_num_steps", "check_every", "params",
            "dense_output")
-CHECKED_OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_steps", "check_every")
+CHECKED_OPTIONS = ("controller", "safety", "first_step", "step_size", "min_step", "max_num_steps", "check_every")
 
 
 class NeuralODE(nn.Module):
     """Maps x (B, D) to y(t_span[-1]) of dy/dt = func(t, y), y(t_span[0]) = x.
 
     Args:
-        func: an nn.Module called as func(t, y), t the (B,) per-sample times; its parameters are trained through
-            the solver (the discrete adjoint).
+        func: an nn.Module called as func(t, y), t the (B, 1) per-sample times (accel.odeint with
+            per_sample=True); its parameters are trained through the solver (the discrete adjoint).
         t_span: (t0, t1), or more times: forward returns y at the last one (``return_trajectory`` for all).
-        method, rtol, atol: passed to accel.odeint, with any other options in ``options``.
+        method, rtol, atol: passed to accel.odeint, with any other of its per-sample options in ``options``.
         regularization: None, 'error' (ERNODE) or 'stiffness' (STRNODE); while training, the batch mean of the
             regularizer times ``reg_weight`` is left in ``regularization_loss`` for the training loss to add
             (0 in eval mode, where the regularizer is not computed).
@@ -59,12 +59,13 @@ class NeuralODE(nn.Module):
             raise ValueError(f"NeuralODE: `x` must be a float32 or float64 tensor of shape (B, D) or (D,), got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
         regularize = self.training and self.regularization is not None
-        results = odeint(self.func, x, self.t_span.to(x.dtype), self.method, self.rtol, self.atol,
-                         regularization=self.regularization if regularize else None, return_stats=True,
-                         **self.options)
+        results = odeint(self.func, x if x.dim() == 2 else x[None], self.t_span.to(x.dtype), method=self.method,
+                         rtol=self.rtol, atol=self.atol, options=self.options, per_sample=True,
+                         regularization=self.regularization if regularize else None, return_stats=True)
         ys, stats = results[0], results[-1]
         self.regularization_loss = self.reg_weight * results[1].mean() if regularize else 0.0
         self.nfe = stats["nfe"]
+        ys = ys if x.dim() == 2 else ys[:, 0]
         return ys if self.return_trajectory else ys[-1]
 
     def extra_repr(self) -> str:

@@ -1,408 +1,305 @@
-"""accel.odeint: adaptive explicit Runge-Kutta integration of a batch, every sample with its own step size,
-over the fused step ops accel.ops.rk_stage and accel.ops.rk_finalize. The reference is accel/reference/ode.py
-(the same tableaus, error norm, initial step, controllers and output rule, one sample at a time).
+"""accel.odeint and accel.odeint_event: torchdiffeq's interface and rules, on accel's fused Runge-Kutta step ops.
 
-One iteration of the loop attempts one step for every sample at once: the stages (one rk_stage per stage), then
-rk_finalize's error norm and stiffness estimate per sample, then the per-sample accept/reject and the next step
-size, all as tensor operations. Nothing in an iteration reads a value back to the host; whether every sample has
-reached the last output time (and whether a step size underflowed) is checked every `check_every` iterations.
-A sample that has finished takes steps of size 0, which leave it unchanged.
+Flow: odeint checks its arguments, flattens the state (accel/ode/state.py) and runs one of two solvers:
+- by default (torchdiffeq's meaning of every argument), accel/ode/flat_solver.py: the whole state is one
+  vector with one step size; func gets a scalar time. With grad enabled the solve is recorded by autograd
+  (backpropagation through the accepted steps), so closures and everything func reads get gradients.
+- with ``per_sample=True`` (accel's extension), accel/ode/per_sample.py: every sample of the batch (the first
+  dimension of y0) has its own step size, error norm, output times (``t`` of shape (T, B)) and events; func gets
+  the times shaped (B, 1, ..., 1). Its gradient is the discrete adjoint, which recomputes the stages.
 
-Output times: with dense output (dopri5 and bosh3, the default), steps are not shortened and every output time a
-step passes gets the method's interpolant (DP5's 4th-order continuous extension, BS3's Hermite cubic), so the
-number of steps does not grow with the number of output times; otherwise (tsit5, rk4, or dense_output=False, as
-the reference does) a step that would pass a sample's next output time is shortened to end on it.
-
-Gradients (the discrete adjoint): the forward keeps, per iteration, only the state before the step, its time,
-step size and acceptance, and which output rows it wrote, O(iterations B D). The backward runs the iterations in reverse, recomputes each
-accepted step's stages from its saved state with autograd on, and pulls the adjoint through it. Step sizes and
-accept/reject decisions are constants of the backward: it differentiates the discrete map the solver took.
+Gradients with respect to the output times follow from the ODE itself: d y(t_i) / d t_i = f(t_i, y(t_i)) and
+d y(t_i) / d t_0 = -(d y(t_i) / d y0) f(t_0, y0). They are attached as terms whose value is zero and whose
+derivative is that (one more evaluation of func per output time, only when t requires grad).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+import warnings
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from accel.ops._checks import check_count, check_tolerances, is_real
-from accel.ops.rk_control import interpolate_at, rk_accept_unchecked, rk_begin_unchecked
-from accel.ops.rk_finalize import rk_finalize
-from accel.ops.rk_stage import rk_stage
-from accel.reference.ode import METHODS, Tableau, initial_step
+from accel.ode.flat_solver import FlatSolver
+from accel.ode.per_sample import solve_per_sample
+from accel.ode.state import State
+from accel.reference.ode import METHODS
 
-CONTROLLERS = ("I", "PI")
-REGULARIZATIONS = (None, "error", "stiffness")
-ERROR_NORMS = ("sample", "batch")
+# options of the default solver, as torchdiffeq names them; accel's per-sample options are per_sample.OPTIONS
+ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps", "step_t",
+                    "jump_t", "dtype", "norm")
+FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm", "dtype")
 
 
-def odeint(func, y0: Tensor, t: Tensor, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8, *,
-           controller: str = "I", safety: float = 0.9, first_step: float | None = None, step_size: float | None = None,
-           min_step: float = 0.0, max_steps: int = 100_000, check_every: int | None = None, params=None,
-           dense_output: bool = True, regularization: str | None = None, error_norm: str = "sample",
-           return_stats: bool = False):
-    """Solves dy/dt = func(t, y) for a batch of initial states and returns y at the times of ``t``.
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None, per_sample=False,
+           regularization=None, return_stats=False):
+    """Solves dy/dt = func(t, y) from y(t[0]) = y0 and returns y at every time of t, as torchdiffeq.odeint does.
 
     Args:
-        func: ``func(t, y)`` with t the (B,) times of the samples (each sample has its own) and y (B, D);
-            returns dy/dt (B, D).
-        y0: (B, D) initial states (a 1-D (D,) state is a batch of one), float32 or float64.
-        t: (T,) increasing output times shared by the batch; t[0] is the initial time.
-        method: 'dopri5' (Dormand-Prince 5(4)), 'tsit5' (Tsitouras 5(4)), 'bosh3' (Bogacki-Shampine 3(2)),
-            or 'rk4' (fixed steps of ``step_size``).
-        rtol, atol: the error tolerances of Hairer's norm RMS(err / (atol + rtol max(|y0|, |y1|))) <= 1.
-        controller: 'I' or 'PI' step-size control; safety factor ``safety``, factors clamped to [0.2, 10].
-        first_step: the first step size; None picks it by Hairer's rule (one more function evaluation).
-        step_size: rk4's step size.
-        min_step: a step size at or below it (or too small to move the time) raises a RuntimeError naming the
-            sample and its time.
-        max_steps: the most step attempts (iterations of the batch) before a RuntimeError.
-        check_every: iterations between two checks of the termination and step-size-underflow tests. Each
-            check reads a flag back to the host, which costs a device sync on a GPU; between checks, finished
-            samples ride along in the batch's function evaluations. None: every iteration on the CPU (where
-            reading a flag is free), every 4 elsewhere.
-        params: the tensors ``func`` depends on that need gradients; by default the parameters of ``func`` when
-            it is an nn.Module. Required when y0 requires grad and func is a plain function (pass () if it
-            has none), since the solver cannot see tensors inside a closure.
-        dense_output: interpolate the outputs between steps where the method has an interpolant (dopri5, bosh3);
-            False: shorten steps to end on the output times.
-        regularization: also return, per sample (B,), the solver-heuristic regularizer of Pal et al.
-            ("Opening the Blackbox"), differentiable by the same discrete adjoint: 'error' (ERNODE: the sum over
-            accepted steps of the error estimate's norm times the step) or 'stiffness' (STRNODE: the largest
-            |h rho| / the method's stability bound over accepted steps; dopri5 and tsit5).
-        error_norm: 'sample' (each sample's step is controlled by its own error norm, so a hard sample does not
-            loosen the others' accuracy) or 'batch' (one norm over the whole batch, the RMS of the samples' norms,
-            as torchdiffeq computes it: every sample takes the same steps, fewer of them, and a sample's error is
-            controlled only on average; the initial step is chosen from batch-wide norms too). The statistics'
-            per-step ``error`` and the ERNODE regularizer stay per sample.
-        return_stats: also return a dict of statistics (see `_stats`).
+        func: ``func(t, y)``: t a scalar tensor, y shaped like y0 (a tensor or a tuple of tensors); returns dy/dt
+            shaped like y. An nn.Module or any callable (closures over parameters get their gradients).
+        y0: the initial state, a float32 or float64 tensor of any shape, or a tuple of them.
+        t: (T,) strictly increasing or decreasing times; t[0] is the initial time. With ``per_sample``, also
+            (T, B): every sample its own times.
+        rtol, atol: the error tolerances (Python numbers, or one-element tensors).
+        method: 'dopri5' (default), 'tsit5', 'bosh3' (adaptive); 'rk4' (Kutta's 3/8 rule), 'euler', 'midpoint',
+            'heun2', 'heun3' (fixed steps of ``options['step_size']``, or one step per output interval).
+        options: torchdiffeq's solver options: first_step, safety, ifactor, dfactor, min_step, max_step,
+            max_num_steps, step_t, jump_t, norm (a callable of the state's structure) for the adaptive methods;
+            step_size, grid_constructor, interp ('linear' or 'cubic'), perturb for the fixed ones. With
+            ``per_sample``, accel's options instead (see accel.ode.per_sample.OPTIONS).
+        event_fn: ``event_fn(t, y)``: the solve stops where it changes sign (its smallest element, each element
+            made positive at t[0]); only t[0] is used and (event time, solution (2, ...)) is returned.
+        per_sample: accel's per-sample step control: y0's first dimension is the batch, every sample is stepped
+            and checked on its own, func gets times shaped (B, 1, ..., 1), and event times are (B,).
+        regularization: with ``per_sample``, also return per sample the solver-heuristic regularizer of
+            "Opening the Blackbox": 'error' (ERNODE) or 'stiffness' (STRNODE).
+        return_stats: also return a dict of statistics (``nfe`` and step counts).
 
-    Returns the solution (T, B, D) (or (T, D) for a 1-D y0), then the regularizer and the statistics when asked
-    for.
+    Returns y at every time (T, *y0.shape) (a tuple for a tuple y0), or (event time, solution) with ``event_fn``;
+    then the regularizer and the statistics when asked for.
     """
-    tableau = _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                     check_every, regularization, error_norm)
-    squeeze = y0.dim() == 1
-    y0 = y0.unsqueeze(0) if squeeze else y0
-    if params is None:
-        if isinstance(func, nn.Module):
-            params = tuple(p for p in func.parameters() if p.requires_grad)
-        elif y0.requires_grad:
-            raise ValueError("odeint: `params` must list the tensors `func` depends on (or be ()) when y0 requires "
-                             "grad and `func` is not an nn.Module")
-        else:
-            params = ()
-    try:
-        params = tuple(params)
-    except TypeError:
-        raise TypeError(f"odeint: `params` must be an iterable of tensors, got {type(params).__name__}") from None
-    if not all(isinstance(p, Tensor) for p in params):
-        raise TypeError(f"odeint: `params` must hold tensors, got {[type(p).__name__ for p in params]}")
-    if check_every is None:
-        check_every = 1 if y0.device.type == "cpu" else 4
-    solver = _Solver(func, tableau, t, float(rtol), float(atol), controller, float(safety), first_step, step_size,
-                     float(min_step), max_steps, check_every, bool(dense_output), regularization, error_norm)
-    if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
-        results = _Solve.apply(solver, y0, *params)
+    op = "odeint"
+    problem = _Problem(op, func, y0, t, rtol, atol, method, options, per_sample, event_fn is not None)
+    if per_sample:
+        return solve_per_sample(problem, event_fn, regularization, return_stats)
+    if regularization is not None:
+        raise ValueError(f"{op}: `regularization` needs per_sample=True (it is a per-sample estimate), got "
+                         f"{regularization!r}")
+    solver = problem.flat_solver(problem.rtol, problem.atol, problem.options)
+    event = problem.event_function(event_fn)
+    if event is None:
+        result = problem.finish(solver.solve(problem.shifted_initial_state(), problem.times))
     else:
-        with torch.no_grad():
-            results = solver.solve(y0, keep_trace=False)
-    ys, *regularizer = results if regularization else (results,)
-    results = [ys.squeeze(1) if squeeze else ys, *regularizer] + ([solver.stats] if return_stats else [])
-    return tuple(results) if len(results) > 1 else results[0]
+        s_event, y_event = solver.solve(problem.state.flat, problem.times[:1], event)
+        result = problem.event_result(event_fn, s_event, y_event)
+    if return_stats:
+        return result, {"nfe": solver.nfe, "accepted": solver.accepted, "rejected": solver.rejected}
+    return result
 
 
-def _check(func, y0, t, method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-           check_every, regularization, error_norm) -> Tableau:
-    if not callable(func):
-        raise TypeError(f"odeint: `func` must be callable as func(t, y), got {type(func).__name__}")
-    if not isinstance(y0, Tensor) or y0.dim() not in (1, 2) or y0.dtype not in (torch.float32, torch.float64):
-        raise ValueError("odeint: `y0` must be a float32 or float64 tensor of shape (B, D) or (D,), got "
-                         f"{getattr(y0, 'dtype', type(y0).__name__)} {tuple(getattr(y0, 'shape', ()))}")
-    if y0.device.type == "meta":  # the solver's loop reads values back (has every sample finished?)
-        raise ValueError("odeint: `y0` must hold values, got a tensor on the meta device")
-    if y0.shape[-1] == 0:  # the error norm would be a mean over no components
-        raise ValueError(f"odeint: `y0` must have at least one state component, got shape {tuple(y0.shape)}")
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1 or not t.dtype.is_floating_point:
-        raise ValueError(f"odeint: `t` must be a 1-D floating-point tensor of output times, got "
-                         f"{getattr(t, 'shape', type(t).__name__)}")
-    if t.device.type == "meta":
-        raise ValueError(f"odeint: `t` is on {t.device} but `y0` is on {y0.device}")
-    # one read of t: an infinite last time would take steps until max_steps
-    if not bool(torch.isfinite(t).all() & (t[1:] > t[:-1]).all()):
-        raise ValueError("odeint: `t` must be finite and strictly increasing")
-    return check_options("odeint", method, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                         check_every, regularization, error_norm)
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
+    """Solves from t0 until ``event_fn(t, y)`` changes sign: (event time, solution (2, ...) at t0 and at the event),
+    as torchdiffeq.odeint_event. ``odeint_interface``: accel.odeint (default) or accel.odeint_adjoint. The event
+    time is differentiable with respect to y0 and func's parameters (by the implicit function theorem), and so is
+    the state at it (through the event time as well)."""
+    solve = odeint if odeint_interface is None else odeint_interface
+    if not isinstance(t0, Tensor):
+        raise TypeError(f"odeint_event: `t0` must be a tensor, got {type(t0).__name__}")
+    direction = -1.0 if reverse_time else 1.0
+    t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + direction])
+    return solve(func, y0, t, event_fn=event_fn, **kwargs)
 
 
-def check_options(op, method, rtol=1e-6, atol=1e-8, controller="I", safety=0.9, first_step=None, step_size=None,
-                  min_step=0.0, max_steps=100_000, check_every=None, regularization=None,
-                  error_norm="sample") -> Tableau:
-    """Checks odeint's options (``op`` names the caller in the errors); returns the method's tableau."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{op}: `method` must be one of {tuple(METHODS)}, got {method!r}")
-    check_tolerances(op, rtol, atol)
-    if controller not in CONTROLLERS:
-        raise ValueError(f"{op}: `controller` must be one of {CONTROLLERS}, got {controller!r}")
-    if not (is_real(safety) and 0 < safety <= 1):
-        raise ValueError(f"{op}: `safety` must be in (0, 1], got {safety!r}")
-    for name, value in (("first_step", first_step), ("step_size", step_size)):
-        if value is not None and not (is_real(value) and value > 0):
-            raise ValueError(f"{op}: `{name}` must be a finite number > 0 or None, got {value!r}")
-    tableau = METHODS[method]
-    if tableau.error_order == 0 and step_size is None:
-        raise ValueError(f"{op}: method {method!r} takes fixed steps: give `step_size`")
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(f"{op}: `regularization` must be one of {REGULARIZATIONS}, got {regularization!r}")
-    if regularization is not None and tableau.error_order == 0:
-        raise ValueError(f"{op}: `regularization` needs an error estimate, and method {method!r} has no error "
-                         f"estimate to regularize")
-    if regularization == "stiffness" and tableau.stability_bound is None:
-        raise ValueError(f"{op}: `regularization` 'stiffness' needs a stability bound, and method {method!r} has no "
-                         f"stability bound (dopri5 and tsit5 have one)")
-    if error_norm not in ERROR_NORMS:
-        raise ValueError(f"{op}: `error_norm` must be one of {ERROR_NORMS}, got {error_norm!r}")
-    if not (is_real(min_step) and min_step >= 0):
-        raise ValueError(f"{op}: `min_step` must be a finite number >= 0, got {min_step!r}")
-    check_count(op, "max_steps", max_steps)
-    if check_every is not None:
-        check_count(op, "check_every", check_every)
-    return tableau
-
-
-class _Trace(NamedTuple):
-    """What the backward needs of one iteration: the state before it, its time and step per sample, which
-    samples accepted it, and the output rows [first_row, end_row) each sample wrote in it."""
-    y: Tensor
-    t: Tensor
-    step: Tensor
-    accepted: Tensor
-    first_row: Tensor
-    end_row: Tensor
-
-
-class _Solver:
-    def __init__(self, func, tableau, t, rtol, atol, controller, safety, first_step, step_size, min_step, max_steps,
-                 check_every, dense_output=True, regularization=None, error_norm="sample"):
-        self.func, self.tableau, self.times = func, tableau, t
-        self.rtol, self.atol, self.controller, self.safety = rtol, atol, controller, safety
-        self.first_step, self.step_size, self.min_step = first_step, step_size, min_step
-        self.max_steps, self.check_every = max_steps, check_every
-        self.adaptive = tableau.error_order > 0
-        # rows of the stage inputs: for an FSAL method the last stage's input is the solution y1
-        self.rows = [list(row) for row in tableau.a[1:]]
-        self.fsal = tableau.fsal
-        self.b = list(tableau.b)
-        self.interpolant = tableau.interpolant if dense_output else None
-        self.regularization = regularization
-        self.batch_norm = error_norm == "batch"
-        self.regularizer_step = None  # stiffness: the iteration whose estimate is each sample's largest
-        self.stats: dict = {}
-        self.trace: list[_Trace] = []
-
-    def stages(self, stage_times, y, step, k):
-        """Fills the stages k[1:] of a step from y, given k[0] = f(t, y), into the buffer k (s, B, D); returns y1
-        and the input of the stage before the last (for the stiffness estimate)."""
-        g_prev = g = y
-        for i, row in enumerate(self.rows, start=1):
-            g_prev, g = g, rk_stage(y, k, step, row)
-            k[i] = self.func(stage_times[i], g)
-        y1 = g if self.fsal else rk_stage(y, k, step, self.b)
-        return y1, g_prev
-
-    def step(self, t0, y, step, all_stages=False):
-        """y1 of one step from (t0, y), through autograd: the backward's recomputation. The stages go into a
-        list (autograd forbids overwriting a buffer it saved). An FSAL method's last stage, f(y1), is not needed
-        for y1, only for the dense output and the estimates: with all_stages, returns (y1, the stages (s, B, D),
-        the input of the stage before the last)."""
-        k, g = [self.func(t0, y)], [y]
-        rows = self.rows[:-1] if self.fsal else self.rows
-        for i, row in enumerate(rows, start=1):
-            g.append(rk_stage(y, torch.stack(k), step, row))
-            k.append(self.func(t0 + self.tableau.c[i] * step, g[-1]))
-        y1 = rk_stage(y, torch.stack(k), step, self.rows[-1] if self.fsal else self.b)
-        if not all_stages:
-            return y1
-        if self.fsal:
-            k.append(self.func(t0 + step, y1))
-        return y1, torch.stack(k), g[-1]
-
-    def solve(self, y0: Tensor, keep_trace: bool) -> Tensor:
-        """The solution at every output time (T, B, D); the statistics into self.stats, and with keep_trace what
-        the backward needs into self.trace. Times are carried in y0's dtype."""
-        tab, func = self.tableau, self.func
-        B, D = y0.shape
-        s = len(tab.c)
-        times = self.times.to(device=y0.device, dtype=y0.dtype).contiguous()
-        T = times.numel()
-        out = y0.new_empty(T, B, D)
-        out[0] = y0
-        t_now = times[0].expand(B).clone()
-        next_index = torch.ones(B, dtype=torch.long, device=y0.device)  # the next output row per sample
-        y = y0.clone()
-        k = y0.new_empty(s, B, D)
-        f0 = func(t_now, y)
-        if not isinstance(f0, Tensor) or f0.shape != y.shape:
-            raise ValueError(f"odeint: `func` must return dy/dt of y's shape {tuple(y.shape)}, got "
-                             f"{tuple(f0.shape) if isinstance(f0, Tensor) else type(f0).__name__}")
-        k[0] = f0
-        nfe = 1
-        if not self.adaptive:
-            h = torch.full((B,), self.step_size, dtype=y0.dtype, device=y0.device)
-        elif self.first_step is not None:
-            h = torch.full((B,), self.first_step, dtype=y0.dtype, device=y0.device)
-        else:
-            h = initial_step(func, t_now, y, k[0], tab.error_order, self.rtol, self.atol, batch=self.batch_norm)
-            nfe += 1
-        previous = torch.zeros(B, dtype=y0.dtype, device=y0.device)  # the PI controller's last accepted norm
-        c, b_err, q = list(tab.c), list(tab.b_err), tab.error_order + 1
-        norm = None
-        errors, stiffnesses, statuses, steps = [], [], [], []
-        self.trace = []
-        unfinished = T > 1
-        while True:
-            if len(statuses) % self.check_every == 0 or len(statuses) >= self.max_steps:
-                if not bool(unfinished):
-                    break
-                if len(statuses) >= self.max_steps:
-                    raise RuntimeError(f"odeint: more than max_steps={self.max_steps} step attempts; "
-                                       f"{int(unfinished)} samples have not reached t={float(times[-1])}")
-                self._check_step(h, t_now, next_index < T, y, y0)
-            step, stage_times = rk_begin_unchecked(t_now, h, next_index, times, c, self.interpolant is None)
-            y1, g_prev = self.stages(stage_times, y, step, k)
-            nfe += s - 1
-            if self.adaptive:
-                norm, rho = rk_finalize(y, y1, k, g_prev, step, b_err, self.rtol, self.atol)
-                errors.append(norm)
-                stiffnesses.append(rho)
-            if keep_trace:
-                y_before, t_before, first_row = y.clone(), t_now.clone(), next_index.clone()
-            control = norm
-            if self.batch_norm and norm is not None:
-                control = norm.square().mean().sqrt().expand_as(norm).contiguous()
-            status, unfinished = rk_accept_unchecked(y, k, t_now, h, next_index, previous, out, y1, control, step,
-                                                     times, self.safety, q, self.controller == "PI", self.fsal,
-                                                     self.interpolant)
-            if not self.fsal:
-                k[0] = func(t_now, y)
-                nfe += 1
-            statuses.append(status)
-            steps.append(step)
-            if keep_trace:
-                self.trace.append(_Trace(y_before, t_before, step, status == 1, first_row, next_index.clone()))
-        self.stats = _stats(nfe, B, statuses, errors, stiffnesses)
-        if self.regularization is None:
-            return out
-        return out, self._regularizer(self.stats["step_accepted"], steps, errors, stiffnesses, y0)
-
-    def _regularizer(self, accepted, steps, errors, stiffnesses, y0):
-        """ERNODE's sum of error norm x step, or STRNODE's largest |h rho| / bound, over accepted steps (B,)."""
-        if not steps:
-            self.regularizer_step = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
-            return y0.new_zeros(y0.shape[0])
-        step = torch.stack(steps)
-        if self.regularization == "error":
-            return torch.where(accepted, torch.stack(errors) * step, 0.0).sum(0)
-        ratio = torch.where(accepted, (step * torch.stack(stiffnesses)).abs() / self.tableau.stability_bound, 0.0)
-        largest, self.regularizer_step = ratio.max(0)
-        return largest
-
-    def _check_step(self, h, t_now, active, y, y0):
-        """Raises when an unfinished sample's step size is at or below min_step, too small to move its time, or NaN
-        (from a state or a derivative that is not finite, whose steps are all rejected)."""
-        bad = active & (~(h > self.min_step) | (t_now + h == t_now))
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0, 0])
-            where = f"sample {b} at t = {float(t_now[b]):.9g}"
-            if not bool(torch.isfinite(y0[b]).all()):
-                raise RuntimeError(f"odeint: `y0` is not finite (NaN or Inf) for sample {b}: no step can be accepted")
-            if not bool(torch.isfinite(y[b]).all() & torch.isfinite(h[b])):
-                raise RuntimeError(f"odeint: the state became NaN or Inf for {where}: check `func`")
-            raise RuntimeError(f"odeint: the step size underflowed (h = {float(h[b]):.3g}, min_step = "
-                               f"{self.min_step:.3g}) for {where}: the problem may be stiff or singular there, or "
-                               "`func` returned NaN or Inf")
-
-
-def _stats(nfe, batch, statuses, errors, stiffnesses) -> dict:
-    """The statistics odeint returns on request: ``nfe``, the evaluations of func (each on the whole batch);
-    ``iterations``, the step attempts of the batch; per sample, ``accepted`` and ``rejected`` steps (B,); per
-    iteration and sample (iterations, B): ``attempted`` (the sample had not finished), ``step_accepted``, and the
-    attempt's ``error`` norm and ``stiffness`` estimate rho (|h rho| above the method's stability bound, 3.3066
-    for dopri5 and 3.5068 for tsit5, means the step size is limited by stability; None for rk4)."""
-    status = torch.stack(statuses) if statuses else torch.zeros(0, batch, dtype=torch.int8)
-    attempted, accepted = status >= 0, status == 1
-    return {"nfe": nfe, "iterations": len(statuses), "accepted": accepted.sum(0),
-            "rejected": (attempted & ~accepted).sum(0), "attempted": attempted, "step_accepted": accepted,
-            "error": torch.stack(errors) if errors else None,
-            "stiffness": torch.stack(stiffnesses) if stiffnesses else None}
-
-
-class _Solve(torch.autograd.Function):
-    """The solve as one autograd node: the forward saves the trace (so autograd accounts for it and frees it after
-    the backward), the backward is the discrete adjoint."""
+class _EventGradient(torch.autograd.Function):
+    """(event time, state there) from the state there: the backward is the implicit function theorem's. The event
+    time tau solves c(tau, y(tau)) = 0, so d tau = -(dc/dy . dy(tau)) / (dc/dt + dc/dy . f), and the state at it
+    moves with f d tau. ``rate(tau, y)`` and ``event(tau, y)`` take the user's time and flat rows."""
 
     @staticmethod
-    def forward(ctx, solver, y0, *params):
-        with torch.no_grad():
-            results = solver.solve(y0.detach(), keep_trace=True)
-            trace = [torch.stack(field) for field in zip(*solver.trace)]  # (iterations, B, ...) per field
-        solver.trace = []
-        ctx.solver, ctx.num_params = solver, len(params)
-        ctx.save_for_backward(*params, *trace)
-        return results
+    def forward(ctx, rate, event, event_t, flat_end):
+        ctx.rate, ctx.event = rate, event
+        ctx.save_for_backward(event_t, flat_end)
+        return event_t.clone(), flat_end.detach().clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ys, grad_regularizer=None):
-        solver, saved = ctx.solver, ctx.saved_tensors
-        params, trace = saved[:ctx.num_params], _Trace(*saved[ctx.num_params:]) if len(saved) > ctx.num_params else None
-        T, B, D = grad_ys.shape
-        rows = torch.arange(T, device=grad_ys.device)[:, None]
-        times = solver.times.to(device=grad_ys.device, dtype=grad_ys.dtype)
-        tab = solver.tableau
-        adjoint = grad_ys.new_zeros(B, D)
-        grad_params = [torch.zeros_like(p) for p in params]
-        for n in reversed(range(0 if trace is None else trace.y.shape[0])):
-            written = (rows >= trace.first_row[n]) & (rows < trace.end_row[n])  # (T, B): the rows this step wrote
-            grad_written = torch.where(written[..., None], grad_ys, 0.0)
-            dense = solver.interpolant is not None and bool(written.any())
-            if solver.interpolant is None:  # the row it wrote holds y_next itself
-                adjoint = adjoint + grad_written.sum(0)
-            accepted = trace.accepted[n]
-            if not bool(accepted.any()):
-                continue
-            step = trace.step[n]
-            # the regularizer's share of this step: d(norm * h) for ERNODE, d(|h rho| / bound) at the sample's
-            # largest step for STRNODE
-            grad_estimate = None
-            if grad_regularizer is not None:
-                if solver.regularization == "error":
-                    grad_estimate = torch.where(accepted, grad_regularizer * step, 0.0)
-                else:
-                    largest = accepted & (solver.regularizer_step == n)
-                    grad_estimate = torch.where(largest, grad_regularizer * step.abs() / tab.stability_bound, 0.0)
-            # y_next = y1(y) where accepted, else y: the adjoint of y is J^T (accepted * adjoint) plus the
-            # rejected samples' own adjoint (correct even for a func that couples samples); with dense output,
-            # the rows written are interpolants of this step, from y and its stages
-            kept = accepted[:, None]
-            with torch.enable_grad():
-                y = trace.y[n].detach().requires_grad_()
-                cotangents = [torch.where(kept, adjoint, 0.0)]
-                if dense or grad_estimate is not None:
-                    y1, k, g_prev = solver.step(trace.t[n], y, step, all_stages=True)
-                    outputs = [y1]
-                    if dense:
-                        outputs.append(interpolate_at(times, y, k, trace.t[n], step, solver.interpolant))
-                        cotangents.append(grad_written)
-                    if grad_estimate is not None:
-                        norm, rho = rk_finalize(y, y1, k, g_prev, step, list(tab.b_err), solver.rtol, solver.atol)
-                        outputs.append(norm if solver.regularization == "error" else rho)
-                        cotangents.append(grad_estimate)
-                else:
-                    outputs = [solver.step(trace.t[n], y, step)]
-                vjp = torch.autograd.grad(outputs, (y, *params), cotangents, allow_unused=True)
-            adjoint = vjp[0] + torch.where(kept, 0.0, adjoint)
-            for g, v in zip(grad_params, vjp[1:]):
-                if v is not None:
-                    g.add_(v)
-        return None, adjoint + grad_ys[0], *grad_params
+    def backward(ctx, grad_t, grad_end):
+        event_t, flat_end = ctx.saved_tensors
+        with torch.enable_grad():
+            tau = event_t.detach().requires_grad_()
+            y = flat_end.detach().requires_grad_()
+            c = ctx.event(tau, y)
+            dc_dt, dc_dy = torch.autograd.grad(c, (tau, y), allow_unused=True) if c.requires_grad else (None, None)
+        f = ctx.rate(event_t, flat_end).detach()
+        dc_dt = torch.zeros_like(tau) if dc_dt is None else dc_dt
+        dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
+        total_t = grad_t + (grad_end * f).sum()
+        rate = dc_dt + (dc_dy * f).sum()
+        return None, None, None, grad_end - dc_dy * (total_t / rate).to(dc_dy.dtype)
+
+
+class _Problem:
+    """odeint's checked arguments: the flattened state, the times (made increasing), the method and its options,
+    and func wrapped for the solvers."""
+
+    def __init__(self, op, func, y0, t, rtol, atol, method, options, per_sample, event):
+        if not callable(func):
+            raise TypeError(f"{op}: `func` must be callable as func(t, y), got {type(func).__name__}")
+        self.op, self.func, self.per_sample = op, func, bool(per_sample)
+        self.state = State(op, y0, self.per_sample)
+        method = "dopri5" if method is None else method
+        if not isinstance(method, str) or method not in METHODS:
+            raise ValueError(f"{op}: `method` must be one of {tuple(METHODS)}, got {method!r}")
+        self.method, self.tableau = method, METHODS[method]
+        self.rtol, self.atol = _tolerance(op, "rtol", rtol), _tolerance(op, "atol", atol)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError(f"{op}: `rtol` and `atol` cannot both be 0")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"{op}: `options` must be a dict or None, got {type(options).__name__}")
+        self.options = dict(options or {})
+        self.t = _check_times(op, t, self.state, self.per_sample, event)
+        if self.per_sample:
+            return
+        self.direction = -1.0 if t.numel() > 1 and float(t[1].detach()) < float(t[0].detach()) else 1.0
+        self.times = [self.direction * x for x in t.detach().double().tolist()]
+        self.t_dtype = self.state.dtype
+        self.calls = 0
+
+    def call(self, s: float, y: Tensor, nudge: int = 0) -> Tensor:
+        """func at solver time s (the negated time for a decreasing t), moved by one unit in the last place of
+        func's time dtype in the direction ``nudge`` of solver time, on flat rows y."""
+        state, direction = self.state, self.direction
+        t = torch.tensor(s, dtype=self.t_dtype, device=state.device)
+        if nudge:
+            t = torch.nextafter(t, t + nudge)
+        dy = state.flatten_derivative(self.op, self.func(t if direction > 0 else -t, state.unflatten(y)))
+        return dy if direction > 0 else -dy
+
+    def flat_solver(self, rtol, atol, options, func=None, norm=None, backward=False) -> FlatSolver:
+        """The default solver for this problem; ``backward``: for the adjoint's solve, whose solver time runs
+        against the forward's (its user time is -direction * s)."""
+        tab, op = self.tableau, self.op
+        known = ADAPTIVE_OPTIONS if tab.error_order else FIXED_OPTIONS
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"{op}: `options` has {unknown[0]!r}, which method {self.method!r} does not take; it "
+                             f"takes {known}")
+        sign = -self.direction if backward else self.direction  # user time = sign * solver time
+        kw = {name: options[name] for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "first_step",
+                                               "step_size") if options.get(name) is not None}
+        for name, value in kw.items():
+            kw[name] = _positive(op, name, value, zero_ok=name == "min_step")
+        if "max_num_steps" in options:
+            kw["max_num_steps"] = int(options["max_num_steps"])
+        for name in ("step_t", "jump_t"):
+            if options.get(name) is not None:
+                kw[name] = [sign * x for x in torch.as_tensor(options[name]).reshape(-1).tolist()]
+        if "interp" in options:
+            if options["interp"] not in ("linear", "cubic"):
+                raise ValueError(f"{op}: options['interp'] must be 'linear' or 'cubic', got {options['interp']!r}")
+            kw["interp"] = options["interp"]
+        kw["perturb"] = bool(options.get("perturb", False))
+        constructor = options.get("grid_constructor")
+        if constructor is not None:
+            if "step_size" in kw:
+                raise ValueError(f"{op}: options['step_size'] and options['grid_constructor'] exclude each other")
+            y0, like = self.state.unflatten(self.state.flat.detach()), self.t.detach()
+            kw["grid"] = lambda times: [sign * x for x in torch.as_tensor(
+                constructor(func or self.func, y0, like.new_tensor([sign * x for x in times]))).tolist()]
+        if norm is None:
+            norm = self.state.user_norm(options["norm"]) if options.get("norm") is not None else \
+                self.state.mixed_norm()
+        kw["callbacks"] = self._callbacks("_adjoint" if backward else "", sign)
+        return FlatSolver(func or self.call, tab, rtol, atol, norm, **kw)
+
+    def _callbacks(self, suffix, sign):
+        """func's callback_step, callback_accept_step and callback_reject_step (with ``suffix``: the adjoint's), as
+        torchdiffeq calls them: (t0, y0, dt) in the user's time and structure."""
+        callbacks = []
+        for name in ("callback_step", "callback_accept_step", "callback_reject_step"):
+            callback = getattr(self.func, name + suffix, None)
+            if callback is not None and name != "callback_step" and self.tableau.error_order == 0:
+                warnings.warn(f"{self.op}: method {self.method!r} takes fixed steps and never calls `{name}`")
+                callback = None
+            if callback is not None:
+                def call(s, y, h, callback=callback):
+                    like = self.state.flat
+                    return callback(torch.tensor(sign * s, dtype=self.t_dtype, device=like.device),
+                                    self.state.unflatten(y[..., :like.shape[-1]]),
+                                    torch.tensor(h, dtype=self.t_dtype, device=like.device))
+                callback = call
+            callbacks.append(callback)
+        return tuple(callbacks)
+
+    def event_function(self, event_fn):
+        """The event function on solver time and flat rows, as one value that starts positive: the smallest of its
+        elements, each multiplied by its sign at t[0]."""
+        if event_fn is None:
+            return None
+        if not callable(event_fn):
+            raise TypeError(f"{self.op}: `event_fn` must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+        state, direction = self.state, self.direction
+
+        def value(s, y):
+            t = torch.tensor(direction * s, dtype=self.t_dtype, device=state.device)
+            return event_fn(t, state.unflatten(y))
+        with torch.no_grad():
+            signs = torch.sign(torch.as_tensor(value(self.times[0], state.flat.detach())))
+        self.event_signs = signs
+        return lambda s, y: (torch.as_tensor(value(s, y)) * signs).min()
+
+    def event_result(self, event_fn, s_event: float, y_event: Tensor):
+        """(event time, solution (2, ...)), differentiable through the event time (_EventGradient)."""
+        state, signs = self.state, self.event_signs
+        rate = lambda tau, y: state.flatten_derivative(self.op, self.func(tau.to(self.t_dtype), state.unflatten(y)))
+        event = lambda tau, y: (torch.as_tensor(event_fn(tau, state.unflatten(y))) * signs).min()
+        event_t, y_event = _EventGradient.apply(rate, event, self.time_tensor(s_event), y_event)
+        return event_t, state.unflatten(torch.stack([state.flat, y_event]), (2,))
+
+    def time_tensor(self, s: float) -> Tensor:
+        return torch.tensor(self.direction * s, dtype=self.t.dtype, device=self.t.device)
+
+    def shifted_initial_state(self) -> Tensor:
+        """y0, plus (when t requires grad) the zero-valued term -(t0 - t0) f(t0, y0) that carries d/dt0."""
+        flat = self.state.flat
+        if not self.t.requires_grad:
+            return flat
+        with torch.no_grad():
+            f0 = self.call(self.times[0], flat) * self.direction
+        t0 = self.t[0].to(flat.dtype)
+        return flat - (t0 - t0.detach()) * f0
+
+    def finish(self, ys: Tensor):
+        """The user's structure from the solver's (T, 1, N), with y(t[0]) = y0 itself and the time terms."""
+        flat0 = self.state.flat
+        if self.t.requires_grad and ys.shape[0] > 1:
+            with torch.no_grad():
+                fs = torch.stack([self.call(s, y.detach()) * self.direction
+                                  for s, y in zip(self.times[1:], ys[1:])])
+            ti = self.t[1:].to(flat0.dtype)[:, None, None]
+            ys = torch.cat([flat0[None], ys[1:] + (ti - ti.detach()) * fs])
+        else:
+            ys = torch.cat([flat0[None], ys[1:]])
+        return self.state.unflatten(ys, (ys.shape[0],))
+
+
+def _tolerance(op, name, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: `{name}` must be a number (one tolerance for the whole state), got a tensor of "
+                             f"shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: `{name}` must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _positive(op, name, value, zero_ok=False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (
+            value == 0 and not zero_ok):
+        raise ValueError(f"odeint: options['{name}'] must be a number {'>=' if zero_ok else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def _check_times(op, t, state: State, per_sample: bool, event: bool) -> Tensor:
+    dims = (1, 2) if per_sample else (1,)
+    if not isinstance(t, Tensor) or t.dim() not in dims or t.shape[0] < 1 or not t.dtype.is_floating_point:
+        shapes = "(T,) or (T, B)" if per_sample else "(T,)"
+        raise ValueError(f"{op}: `t` must be a floating-point tensor of shape {shapes}, got "
+                         f"{getattr(t, 'shape', type(t).__name__)}")
+    if t.device.type == "meta":
+        raise ValueError(f"{op}: `t` must hold values, got a tensor on the meta device")
+    if t.dim() == 2 and t.shape[1] != state.rows:
+        raise ValueError(f"{op}: `t` of shape (T, B) must have B = {state.rows} (y0's batch), got {tuple(t.shape)}")
+    if event:
+        if t.shape[0] < 1:
+            raise ValueError(f"{op}: `t` must hold the initial time for an event solve")
+        return t
+    d = t[1:] - t[:-1]
+    monotone = (d > 0).all(0) | (d < 0).all(0)
+    if not bool(torch.isfinite(t).all() & monotone.all()):
+        raise ValueError(f"{op}: `t` must be finite and strictly increasing or strictly decreasing")
+    return t

@@ -33,14 +33,19 @@ lib.define("rk_accept(Tensor(a!) y, Tensor(b!) k, Tensor(c!) t, Tensor(d!) h, Te
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 
 
+def _times_fit(times, B) -> bool:
+    """Output times shared by the batch (T,), or every sample's own (T, B)."""
+    return times.dim() == 1 or (times.dim() == 2 and times.shape[1] == B)
+
+
 def rk_begin(t: Tensor, h: Tensor, next_index: Tensor, times: Tensor, c, clip: bool = True) -> tuple[Tensor, Tensor]:
     """(step (B,), stage_times (s, B)): each sample's step from its time t (B,), step size h (B,) and next output
-    row next_index (B,) int64 into times (T,) (shortened to end on that output time when ``clip``), and its stage
+    row next_index (B,) int64 into times ((T,), or (T, B) per sample) (shortened to end on that output time when ``clip``), and its stage
     times t + c_i step for the tableau's nodes c."""
     # One combined test of attributes, as in rk_stage; _explain names what failed.
     try:
         dtype, device = t.dtype, t.device
-        ok = (t.dim() == 1 and h.shape == t.shape and next_index.shape == t.shape and times.dim() == 1
+        ok = (t.dim() == 1 and h.shape == t.shape and next_index.shape == t.shape and _times_fit(times, t.shape[0])
               and (dtype is _F32 or dtype is _F64) and h.dtype is dtype and times.dtype is dtype
               and next_index.dtype is _I64 and h.device == device and next_index.device == device
               and times.device == device and isinstance(c, (list, tuple)))
@@ -64,10 +69,10 @@ def rk_accept(y, k, t, h, next_index, previous, out, y1, norm, step, times, safe
     interpolant the tableau's dense-output rows (None: steps end on output times).
     Returns (status (B,) int8: 1 accepted, 0 rejected, -1 had finished; the number of unfinished samples)."""
     try:
-        (B, D), (s, Bk, Dk), (T,) = y.shape, k.shape, times.shape
+        (B, D), (s, Bk, Dk), T = y.shape, k.shape, times.shape[0]
         dtype, device = y.dtype, y.device
         ok = ((dtype is _F32 or dtype is _F64) and s >= 1 and Bk == B and Dk == D and y1.shape == y.shape
-              and out.dim() == 3 and out.shape[0] >= T and out.shape[1:] == y.shape and next_index.shape == (B,)
+              and _times_fit(times, B) and out.dim() == 3 and out.shape[0] >= T and out.shape[1:] == y.shape and next_index.shape == (B,)
               and next_index.dtype is _I64 and next_index.device == device and next_index.is_contiguous()
               and all(x.shape == (B,) for x in (t, h, previous, step))
               and (norm is None or norm.shape == (B,))
@@ -112,8 +117,9 @@ def _explain(op: str, like: Tensor, tensors: dict, options: dict) -> None:
     like_name = next(iter(tensors))
     B = like.shape[0] if like.dim() >= 1 else "B"
     D = like.shape[1] if like.dim() == 2 else "D"
-    T = tensors["times"].shape[0] if tensors["times"].dim() == 1 else "T"
-    shapes = {"y": (B, D), "y1": (B, D), "k": ("s >= 1", B, D), "out": (f">= {T}", B, D), "times": ("T",)}
+    T = tensors["times"].shape[0] if tensors["times"].dim() in (1, 2) else "T"
+    times_shape = ("T", B) if tensors["times"].dim() == 2 else ("T",)
+    shapes = {"y": (B, D), "y1": (B, D), "k": ("s >= 1", B, D), "out": (f">= {T}", B, D), "times": times_shape}
     for name, x in tensors.items():
         expected = shapes.get(name, (B,))
         fits = x.dim() == len(expected) and all(e == n for e, n in zip(expected, x.shape) if isinstance(e, int))
@@ -148,10 +154,17 @@ def _accept_fake(y, k, t, h, next_index, previous, out, y1, norm, step, times, s
     return y.new_empty(y.shape[0], dtype=torch.int8), y.new_empty((), dtype=torch.long)
 
 
+def _time_of_row(times, rows):
+    """Each sample's output time at its row of times, (T,) shared or (T, B) per sample."""
+    if times.dim() == 1:
+        return times[rows]
+    return times.gather(0, rows[None]).squeeze(0)
+
+
 def _next_time(t, next_index, times):
     """The sample's next output time (its own time once it has passed the last one)."""
     T = times.shape[0]
-    return torch.where(next_index < T, times[next_index.clamp(max=T - 1)], t)
+    return torch.where(next_index < T, _time_of_row(times, next_index.clamp(max=T - 1)), t)
 
 
 def _reference_begin(t, h, next_index, times, c, clip):
@@ -197,10 +210,11 @@ def _reference_accept(y, k, t, h, next_index, previous, out, y1, norm, step, tim
 
 def interpolate_at(times, y, k, t_old, step, interpolant):
     """The dense output of each sample's step from (t_old, y) with stages k (s, B, D) and step (B,) at every time
-    of times (T,): (T, B, D), y + step sum_i b_i(theta) k_i with theta = (time - t_old) / step. Differentiable (the
+    of times ((T,), or (T, B) per sample): (T, B, D), y + step sum_i b_i(theta) k_i with theta = (time - t_old) / step. Differentiable (the
     solver's backward goes through it)."""
     P = torch.tensor(interpolant, dtype=y.dtype, device=y.device).reshape(k.shape[0], -1)
-    theta = torch.where(step > 0, (times[:, None] - t_old) / torch.where(step > 0, step, 1.0), 1.0)  # (T, B)
+    grid = times if times.dim() == 2 else times[:, None]
+    theta = torch.where(step > 0, (grid - t_old) / torch.where(step > 0, step, 1.0), 1.0)  # (T, B)
     powers = torch.stack([theta ** (j + 1) for j in range(P.shape[1])], -1)  # (T, B, m)
     return y + step[:, None] * torch.einsum("tbm,sm,sbd->tbd", powers, P, k)
 
@@ -208,7 +222,7 @@ def interpolate_at(times, y, k, t_old, step, interpolant):
 def _interpolate_outputs(y, k, t_old, t_new, step, accept, next_index, out, times, interpolant):
     """Writes the dense output at every output time each accepted step passed, and moves next_index past them."""
     rows = torch.arange(times.shape[0], device=y.device)[:, None]
-    written = (rows >= next_index) & (times[:, None] <= t_new) & accept  # (T, B)
+    written = (rows >= next_index) & ((times if times.dim() == 2 else times[:, None]) <= t_new) & accept  # (T, B)
     out.copy_(torch.where(written[..., None], interpolate_at(times, y, k, t_old, step, interpolant), out))
     next_index.add_(written.sum(0))
 

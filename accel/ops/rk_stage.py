@@ -83,15 +83,19 @@ def _backward_fake(grad, k, h, a):
 
 def _setup_context(ctx, inputs, output):
     y0, k, h, a = inputs
-    ctx.save_for_backward(k, h)
-    ctx.a = a
+    # k is read only by h's gradient: without it, a solver may write the next stage into the same buffer
+    ctx.save_for_backward(k if ctx.needs_input_grad[2] else None, h)
+    ctx.a, ctx.k_shape = a, k.shape
 
 
 def _backward(ctx, grad):
     k, h = ctx.saved_tensors
     grad_k = grad_h = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[2]:
         grad_k, grad_h = torch.ops.accel.rk_stage_backward(grad, k, h, ctx.a)
+    elif ctx.needs_input_grad[1]:  # grad_k[j] = a[j] h grad
+        a = list(ctx.a) + [0.0] * (ctx.k_shape[0] - len(ctx.a))
+        grad_k = grad.new_tensor(a)[:, None, None] * (h[:, None] * grad)
     return grad if ctx.needs_input_grad[0] else None, grad_k, grad_h, None
 
 

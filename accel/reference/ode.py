@@ -35,6 +35,22 @@ class Tableau:
     interpolant: tuple | None = None
 
 
+def quartic_through_midpoint(b, mid):
+    """Dense-output rows (see Tableau.interpolant) of the quartic p(theta) with p(0) = y, p(1) = y1, p'(0) = h k_0,
+    p'(1) = h k_last (FSAL: f(y1)) and p(1/2) = y + h sum_i mid_i k_i, a 4th-order-accurate midpoint value.
+    Every condition is y plus h times a combination of the stages, so p(theta) - y is h sum_i b_i(theta) k_i
+    with b_i(theta) = d_i theta + c_i theta^2 + e_i theta^3 + a_i theta^4, solved from the five conditions."""
+    s = len(b)
+    rows = []
+    for i in range(s):
+        f0, f1 = float(i == 0), float(i == s - 1)
+        c2 = f1 - 4 * f0 - 5 * b[i] + 16 * mid[i]
+        c3 = 5 * f0 - 3 * f1 + 14 * b[i] - 32 * mid[i]
+        c4 = 2 * (f1 - f0) - 8 * b[i] + 16 * mid[i]
+        rows.append((f0, c2, c3, c4))
+    return tuple(rows)
+
+
 DOPRI5 = Tableau(
     c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
     a=((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
@@ -42,17 +58,15 @@ DOPRI5 = Tableau(
        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
     b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
-    b_err=(35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
-           -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40),
+    # the embedded 4th-order weights of Shampine's Dormand-Prince variant (torchdiffeq's dopri5; Hairer's code
+    # pairs the same 5th-order solution with another embedded method)
+    b_err=(35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
+           -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60),
     order=5, error_order=4, stability_bound=3.3066,
-    # Dormand and Prince's continuous extension of order 4 (Hairer, Norsett and Wanner, II.6)
-    interpolant=((1.0, -8048581381 / 2820520608, 8663915743 / 2820520608, -12715105075 / 11282082432),
-                 (0.0, 0.0, 0.0, 0.0),
-                 (0.0, 131558114200 / 32700410799, -68118460800 / 10900136933, 87487479700 / 32700410799),
-                 (0.0, -1754552775 / 470086768, 14199869525 / 1410260304, -10690763975 / 1880347072),
-                 (0.0, 127303824393 / 49829197408, -318862633887 / 49829197408, 701980252875 / 199316789632),
-                 (0.0, -282668133 / 205662961, 2019193451 / 616988883, -1453857185 / 822651844),
-                 (0.0, 40617522 / 29380423, -110615467 / 29380423, 69997945 / 29380423)))
+    interpolant=quartic_through_midpoint(
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        tuple(x / 2 for x in (6025192743 / 30085553152, 0.0, 51252292925 / 65400821598, -2691868925 / 45128329728,
+                              187940372067 / 1594534317056, -1776094331 / 19743644256, 11237099 / 235043384))))
 
 TSIT5 = Tableau(
     c=(0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
@@ -65,7 +79,13 @@ TSIT5 = Tableau(
     # Tsitouras gives the error weights directly; the last one's sign is corrected (-1/66)
     b_err=(0.00178001105222577714, 0.0008164344596567469, -0.007880878010261995, 0.1447110071732629,
            -0.5823571654525552, 0.45808210592918697, -1 / 66),
-    order=5, error_order=4, stability_bound=3.5068)
+    order=5, error_order=4, stability_bound=3.5068,
+    # the midpoint is Tsitouras' continuous extension b_i(theta) at theta = 1/2
+    interpolant=quartic_through_midpoint(
+        (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081, 2.324710524099774,
+         0.0),
+        (0.10741235230100377, 0.01135625, 0.39560903056045305, -0.34475214352593553, 1.3161853649581645,
+         -1.0170608542936508, 0.03125)))
 
 BOSH3 = Tableau(
     c=(0.0, 1 / 2, 3 / 4, 1.0),
@@ -73,16 +93,35 @@ BOSH3 = Tableau(
     b=(2 / 9, 1 / 3, 4 / 9, 0.0),
     b_err=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
     order=3, error_order=2,
-    interpolant=((1.0, -4 / 3, 5 / 9), (0.0, 1.0, -2 / 3), (0.0, 4 / 3, -8 / 9), (0.0, -1.0, 1.0)))  # Hermite
+    interpolant=quartic_through_midpoint((2 / 9, 1 / 3, 4 / 9, 0.0), (0.0, 1 / 2, 0.0, 0.0)))
 
-RK4 = Tableau(
-    c=(0.0, 1 / 2, 1 / 2, 1.0),
-    a=((), (1 / 2,), (0.0, 1 / 2), (0.0, 0.0, 1.0)),
-    b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
-    b_err=(0.0, 0.0, 0.0, 0.0),
-    order=4, error_order=0, fsal=False)
 
-METHODS = {"dopri5": DOPRI5, "tsit5": TSIT5, "bosh3": BOSH3, "rk4": RK4}
+# Low-order adaptive pairs. They are not FSAL: the next step's first stage is f(t1, y1), which the dense output
+# uses as its end slope (an extra row of the interpolant, after the stages).
+ADAPTIVE_HEUN = Tableau(
+    c=(0.0, 1.0), a=((), (1.0,)), b=(1 / 2, 1 / 2), b_err=(1 / 2, -1 / 2), order=2, error_order=1, fsal=False,
+    interpolant=quartic_through_midpoint((1 / 2, 1 / 2, 0.0), (1 / 2, 0.0, 0.0)))
+
+FEHLBERG2 = Tableau(
+    c=(0.0, 1 / 2, 1.0), a=((), (1 / 2,), (1 / 256, 255 / 256)), b=(1 / 512, 255 / 256, 1 / 512),
+    b_err=(-1 / 512, 0.0, 1 / 512), order=2, error_order=1, fsal=False,
+    interpolant=quartic_through_midpoint((1 / 512, 255 / 256, 1 / 512, 0.0), (0.0, 1 / 2, 0.0, 0.0)))
+
+
+def _fixed(c, a, b, order):
+    """A fixed-step method: no error estimate, not FSAL (each step evaluates f at its start)."""
+    return Tableau(c=c, a=a, b=b, b_err=(0.0,) * len(b), order=order, error_order=0, fsal=False)
+
+
+EULER = _fixed((0.0,), ((),), (1.0,), 1)
+MIDPOINT = _fixed((0.0, 1 / 2), ((), (1 / 2,)), (0.0, 1.0), 2)
+HEUN2 = _fixed((0.0, 1.0), ((), (1.0,)), (1 / 2, 1 / 2), 2)
+HEUN3 = _fixed((0.0, 1 / 3, 2 / 3), ((), (1 / 3,), (0.0, 2 / 3)), (1 / 4, 0.0, 3 / 4), 3)
+# Kutta's 3/8 rule (smaller error constant than the classic RK4, one more addition), torchdiffeq's 'rk4'
+RK4 = _fixed((0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)), (1 / 8, 3 / 8, 3 / 8, 1 / 8), 4)
+
+METHODS = {"dopri5": DOPRI5, "tsit5": TSIT5, "bosh3": BOSH3, "adaptive_heun": ADAPTIVE_HEUN, "fehlberg2": FEHLBERG2,
+           "rk4": RK4, "euler": EULER, "midpoint": MIDPOINT, "heun2": HEUN2, "heun3": HEUN3}
 
 
 def rk_step(f, t, y, h, tableau: Tableau, k1=None):

@@ -33,6 +33,14 @@ void check_vector(const at::Tensor& x, int64_t B, const at::Tensor& like, const 
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), "rk_control: `", name, "` must have dtype ", like.scalar_type());
 }
 
+// Output times shared by the batch (T,), or every sample's own (T, B): sample b's time of row r is
+// times[r * row_stride + b * sample_stride].
+void check_times(const at::Tensor& times, int64_t B, const at::Tensor& like) {
+  TORCH_CHECK((times.dim() == 1 || (times.dim() == 2 && times.size(1) == B)) &&
+                  times.scalar_type() == like.scalar_type() && times.is_contiguous(),
+              "rk_control: `times` must be a contiguous (T,) or (T, B) tensor of the state's dtype");
+}
+
 // step = min(h, times[next] - t) per sample, or h with `clip` false (dense output); 0 once a sample has passed its
 // last output time; and the stage times t + c_i step (s, B).
 std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tensor& h, const at::Tensor& next_index,
@@ -42,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tens
   check_vector(h, B, t, "h");
   TORCH_CHECK(next_index.dim() == 1 && next_index.size(0) == B && next_index.scalar_type() == at::kLong &&
                   next_index.is_contiguous(), "rk_control: `next_index` must be a contiguous (B,) int64 tensor");
-  TORCH_CHECK(times.dim() == 1 && times.scalar_type() == t.scalar_type() && times.is_contiguous(),
-              "rk_control: `times` must be a contiguous 1-D tensor of t's dtype");
+  check_times(times, B, t);
   check_rows(next_index);
   auto step = at::empty({B}, t.options());
   auto stage_times = at::empty({s, B}, t.options());
@@ -51,8 +58,9 @@ std::tuple<at::Tensor, at::Tensor> begin_cpu(const at::Tensor& t, const at::Tens
     const scalar_t *tp = t.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *tm = times.data_ptr<scalar_t>();
     const int64_t* nx = next_index.data_ptr<int64_t>();
     scalar_t *sp = step.data_ptr<scalar_t>(), *st = stage_times.data_ptr<scalar_t>();
+    const int64_t row_stride = times.dim() == 2 ? B : 1, sample_stride = times.dim() == 2 ? 1 : 0;
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t remaining = nx[b] < T ? tm[nx[b]] - tp[b] : scalar_t(0);
+      const scalar_t remaining = nx[b] < T ? tm[nx[b] * row_stride + b * sample_stride] - tp[b] : scalar_t(0);
       sp[b] = nx[b] >= T ? scalar_t(0) : (clip && hp[b] >= remaining) ? remaining : hp[b];
       for (int64_t i = 0; i < s; ++i) st[i * B + b] = tp[b] + static_cast<scalar_t>(c[i]) * sp[b];
     }
@@ -83,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
   if (norm.has_value()) check_vector(*norm, B, y, "norm");
   TORCH_CHECK(next_index.dim() == 1 && next_index.size(0) == B && next_index.scalar_type() == at::kLong &&
                   next_index.is_contiguous(), "rk_control: `next_index` must be a contiguous (B,) int64 tensor");
-  TORCH_CHECK(times.dim() == 1 && times.scalar_type() == y.scalar_type() && times.is_contiguous(),
-              "rk_control: `times` must be a contiguous 1-D tensor of y's dtype");
+  check_times(times, B, y);
   TORCH_CHECK(order >= 1, "rk_control: `order` must be >= 1");
   TORCH_CHECK(s >= 1, "rk_control: `k` must hold at least one stage");
   check_rows(next_index);
@@ -104,12 +111,14 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
     int64_t* nx = next_index.data_ptr<int64_t>();
     int8_t* st = status.data_ptr<int8_t>();
     const double q = static_cast<double>(order);
+    const int64_t row_stride = times.dim() == 2 ? B : 1, sample_stride = times.dim() == 2 ? 1 : 0;
     for (int64_t b = 0; b < B; ++b) {
+      const T_* tb = tm + b * sample_stride;
       if (nx[b] >= T) {
         st[b] = -1;
         continue;
       }
-      const T_ t_next = tm[nx[b]];
+      const T_ t_next = tb[nx[b] * row_stride];
       const bool hit = !dense && hp[b] >= t_next - tp[b];  // rk_begin shortened the step to end on the output time
       bool accept = true;
       if (np) {
@@ -131,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> accept_cpu(const at::Tensor& y, const at::Ten
       if (accept) {
         const T_ t_old = tp[b];
         tp[b] = hit ? t_next : t_old + sp[b];
-        while (dense && nx[b] < T && tm[nx[b]] <= tp[b]) {  // from y and the stages, before they are replaced
-          const double theta = sp[b] > 0 ? static_cast<double>(tm[nx[b]] - t_old) / sp[b] : 1.0;
+        while (dense && nx[b] < T && tb[nx[b] * row_stride] <= tp[b]) {  // from y and the stages, before they are replaced
+          const double theta = sp[b] > 0 ? static_cast<double>(tb[nx[b] * row_stride] - t_old) / sp[b] : 1.0;
           for (int64_t i = 0; i < s; ++i) {
             double w = 0, power = 1;
             for (int64_t j = 0; j < m; ++j) w += (*interpolant)[i * m + j] * (power *= theta);
