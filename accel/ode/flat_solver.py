@@ -1,7 +1,7 @@
 """accel.odeint's default solve: the whole state is one vector (B' = 1 row of N components), stepped under
-torchdiffeq's rules, over the fused step ops accel.ops.rk_stage and accel.ops.rk_finalize.
+torchdiffeq's rules.
 
-Adaptive methods (dopri5, tsit5, bosh3): the first step by Hairer's rule (II.4), one error ratio
+Adaptive methods (dopri5, tsit5, bosh3, adaptive_heun, fehlberg2): the first step by Hairer's rule (II.4), one error ratio
 norm(err / (atol + rtol max(|y0|, |y1|))) for the whole state, a step accepted when the ratio is <= 1 (or the step
 is at min_step), the next step h * min(ifactor, max(safety ratio^(-1/order), dfactor)) with dfactor raised to 1
 after an acceptance (an accepted step never shrinks the next), steps clamped to [min_step, max_step]; steps are not
@@ -24,18 +24,15 @@ import math
 import torch
 from torch import Tensor
 
-from accel.ops.rk_finalize import rk_finalize
-from accel.ops.rk_stage import rk_stage
-from accel.reference.ode import Tableau, combination
+from accel.reference.ode import Tableau
 
 
 class FlatSolver:
     """One solve. ``func(t, y, nudge)`` takes a Python float time, the state (1, N) and a direction (-1, 0, 1) in
     which to move t by one unit in the last place (torchdiffeq's ``perturb``, so a discontinuity at a step's end
     is seen from inside the step), and returns dy/dt (1, N); ``norm`` maps err / tol (1, N) to the error ratio,
-    None for the RMS over the state (fused, in rk_finalize). ``grid``: a function of the output times giving the
-    fixed-step grid. ``callbacks``: (on every step, on acceptance, on rejection), each called with (t, y, h) or
-    None."""
+    None for the RMS over the state. ``grid``: a function of the output times giving the fixed-step grid.
+    ``callbacks``: (on every step, on acceptance, on rejection), each called with (t, y, h) or None."""
 
     def __init__(self, func, tableau: Tableau, rtol: float, atol: float, norm=None, *, first_step=None,
                  step_size=None, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0, max_step=math.inf,
@@ -49,6 +46,7 @@ class FlatSolver:
         self.interp, self.perturb, self.grid = interp, perturb, grid
         self.on_step, self.on_accept, self.on_reject = (c or _ignore for c in callbacks)
         self.rows = [list(row) for row in tableau.a[1:]]
+        self.b, self.b_err = list(tableau.b), list(tableau.b_err)
         self.nfe = self.accepted = self.rejected = 0
 
     def f(self, t: float, y: Tensor, nudge: int = 0) -> Tensor:
@@ -58,27 +56,26 @@ class FlatSolver:
     # -- one step --------------------------------------------------------------------------------------------------
 
     def stages(self, t, y, k0, h, t1):
-        """The stages of a step of size h from (t, y) with k0 = f(t, y): (y1, stages (s, 1, N), the input of the
-        stage before the last). A stage at c = 1 is evaluated just before t1."""
-        tab, hv = self.tableau, y.new_full((1,), h)
-        k = _stage_buffer(k0, len(tab.c))
-        g_prev = g = y
+        """The stages of a step of size h from (t, y) with k0 = f(t, y): (y1, the stages, a list). A stage at c = 1
+        is evaluated just before t1."""
+        tab = self.tableau
+        k = [k0]
+        g = y
         for i, row in enumerate(self.rows, start=1):
-            g_prev, g = g, rk_stage(y, k, hv, row)
+            g = _combine(y, k, h, row)
             c = tab.c[i]
-            k[i] = self.f(t1, g, -1) if c == 1.0 else self.f(t + c * h, g)
-        y1 = g if tab.fsal else rk_stage(y, k, hv, list(tab.b))
-        return y1, k, g_prev
+            k.append(self.f(t1, g, -1) if c == 1.0 else self.f(t + c * h, g))
+        return (g if tab.fsal else _combine(y, k, h, self.b)), k
 
-    def error_ratio(self, y, y1, k, g_prev, h) -> float:
-        with torch.no_grad():
-            y, y1, k, g_prev = y.detach(), y1.detach(), k.detach(), g_prev.detach()
+    def error_ratio(self, y, y1, k, h) -> float:
+        """The step's error ratio: norm(err / (atol + rtol max(|y|, |y1|))), err = h sum_i b_err[i] k[i] (Hairer's
+        RMS by default)."""
+        with torch.no_grad():  # the step size is a constant of the backward
+            err = _combine(torch.zeros_like(y), k, h, self.b_err)
+            scaled = err.div_(torch.maximum(y.abs(), y1.abs()).mul_(self.rtol).add_(self.atol))
             if self.norm is None:
-                norm, _ = rk_finalize(y, y1, k, g_prev, y.new_full((1,), h), list(self.tableau.b_err), self.rtol,
-                                      self.atol)
-                return float(norm)
-            err = h * combination(k, self.tableau.b_err)
-            return float(self.norm(err / (self.atol + self.rtol * torch.maximum(y.abs(), y1.abs()))))
+                return float(torch.linalg.vector_norm(scaled)) / math.sqrt(scaled.numel())
+            return float(self.norm(scaled))
 
     def next_step(self, h: float, ratio: float, accepted: bool) -> float:
         if ratio == 0:
@@ -92,18 +89,17 @@ class FlatSolver:
         """The step's interpolant at time t in [t0, t0 + h]."""
         theta = (t - t0) / h
         weights = [sum(p * theta ** (j + 1) for j, p in enumerate(row)) for row in self.tableau.interpolant]
-        return rk_stage(y, k, y.new_full((1,), h), weights)
+        return _combine(y, k, h, weights)
 
     def initial_step(self, t0, y, k0) -> float:
         """Hairer's starting step (II.4), from norms of y0, f0 and a difference quotient of f."""
         with torch.no_grad():
-            y, k0 = y.detach(), k0.detach()
-            scale = self.atol + self.rtol * y.abs()
-            norm = self.norm or (lambda v: v.pow(2).mean().sqrt())
+            scale = y.abs().mul_(self.rtol).add_(self.atol)
+            norm = self.norm or (lambda v: torch.linalg.vector_norm(v) / math.sqrt(v.numel()))
             d0, d1 = float(norm(y / scale)), float(norm(k0 / scale))
             h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-            f1 = self.f(t0 + h0, y + h0 * k0)
-            d2 = float(norm((f1 - k0) / scale)) / h0
+            f1 = self.f(t0 + h0, torch.add(y, k0, alpha=h0))
+            d2 = float(norm((f1 - k0).div_(scale))) / h0
         if d1 <= 1e-15 and d2 <= 1e-15:
             h1 = max(1e-6, h0 * 1e-3)
         else:
@@ -143,8 +139,8 @@ class FlatSolver:
             if marks and marks[0] < t1:
                 mark = marks[0]
                 t1, h = mark, mark - t
-            y1, k, g_prev = self.stages(t, y, k0, h, t1)
-            ratio = self.error_ratio(y, y1, k, g_prev, h)
+            y1, k = self.stages(t, y, k0, h, t1)
+            ratio = self.error_ratio(y, y1, k, h)
             accept = (ratio <= 1 and h <= self.max_step) or h <= self.min_step
             if not accept:
                 self.on_reject(t, y, h)
@@ -159,7 +155,7 @@ class FlatSolver:
                 k0 = k[-1]
             else:  # its slope at t1 closes the dense output too
                 k0 = self.f(t1, y1)
-                k = torch.cat([k, k0[None]])
+                k = k + [k0]
             if event_fn is not None and _sign(event_fn(t1, y1)) != sign0:
                 return self._locate_event(event_fn, sign0, y, k, t, h)
             while index < len(times) and times[index] <= t1:
@@ -175,7 +171,7 @@ class FlatSolver:
         with torch.no_grad():
             for _ in range(max(0, math.ceil(math.log2(h / max(self.atol, 1e-300))))):
                 mid = (lo + hi) / 2
-                if _sign(event_fn(mid, self.dense(y.detach(), k.detach(), t0, h, mid))) == sign0:
+                if _sign(event_fn(mid, self.dense(y, k, t0, h, mid))) == sign0:
                     lo = mid
                 else:
                     hi = mid
@@ -231,13 +227,13 @@ class FlatSolver:
         return torch.stack(out)
 
     def _fixed_stages(self, t0, y, k0, h, t1):
-        tab, hv = self.tableau, y.new_full((1,), h)
-        k = _stage_buffer(k0, len(tab.c))
+        tab = self.tableau
+        k = [k0]
         for i, row in enumerate(self.rows, start=1):
-            g = rk_stage(y, k, hv, row)
+            g = _combine(y, k, h, row)
             c = tab.c[i]
-            k[i] = self.f(t1, g, -1 if self.perturb else 0) if c == 1.0 else self.f(t0 + c * h, g)
-        return rk_stage(y, k, hv, list(tab.b)), k, None
+            k.append(self.f(t1, g, -1 if self.perturb else 0) if c == 1.0 else self.f(t0 + c * h, g))
+        return _combine(y, k, h, self.b), k, None
 
     def _between(self, t0, y0, f0, t1, y1, f1, t):
         """A fixed-step solution at t in (t0, t1]: linear, or cubic Hermite with f1 = f(t1, y1)."""
@@ -265,12 +261,16 @@ class FlatSolver:
         return event_t, self._between(t0, y0, f0, t1, y1, f1, event_t)
 
 
-def _stage_buffer(k0: Tensor, stages: int) -> Tensor:
-    """The stages (s, 1, N) of a step, filled in place (rk_stage reads the first ones and keeps none of them for
-    its backward when the step size is a constant), with k0 first."""
-    k = k0.new_empty(stages, *k0.shape)
-    k[0] = k0
-    return k
+def _combine(y: Tensor, k: list, h: float, weights) -> Tensor:
+    """y + h sum_j weights[j] k[j] over the nonzero weights: a stage input, the solution or the dense output.
+    One add per term, each an autograd node whose backward is a scaling of the incoming gradient (a fused op over
+    stacked stages would copy the stages forward and backward, which costs more at the sizes of a whole-state
+    solve)."""
+    out = None
+    for kj, w in zip(k, weights):
+        if w != 0.0:
+            out = torch.add(y, kj, alpha=h * w) if out is None else out.add_(kj, alpha=h * w)
+    return y if out is None else out
 
 
 def _ignore(*args):

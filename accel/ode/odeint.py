@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,22 +139,30 @@ class _Problem:
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"{op}: `options` must be a dict or None, got {type(options).__name__}")
         self.options = dict(options or {})
-        self.t = _check_times(op, t, self.state, self.per_sample, event)
+        self.t = t
+        values = _check_times(op, t, self.state, self.per_sample, event)
         if self.per_sample:
             return
-        self.direction = -1.0 if t.numel() > 1 and float(t[1].detach()) < float(t[0].detach()) else 1.0
-        self.times = [self.direction * x for x in t.detach().double().tolist()]
+        self.direction = -1.0 if len(values) > 1 and values[1] < values[0] else 1.0
+        self.times = [self.direction * x for x in values]
         self.t_dtype = self.state.dtype
-        self.calls = 0
+        self.np_dtype = np.float32 if self.t_dtype == torch.float32 else np.float64
 
     def call(self, s: float, y: Tensor, nudge: int = 0) -> Tensor:
         """func at solver time s (the negated time for a decreasing t), moved by one unit in the last place of
         func's time dtype in the direction ``nudge`` of solver time, on flat rows y."""
         state, direction = self.state, self.direction
-        t = torch.tensor(s, dtype=self.t_dtype, device=state.device)
         if nudge:
-            t = torch.nextafter(t, t + nudge)
-        dy = state.flatten_derivative(self.op, self.func(t if direction > 0 else -t, state.unflatten(y)))
+            s = float(np.nextafter(self.np_dtype(s), self.np_dtype(nudge * math.inf)))
+        t = torch.scalar_tensor(direction * s, dtype=self.t_dtype, device=state.device)
+        if state.is_tuple:
+            dy = state.flatten_derivative(self.op, self.func(t, state.unflatten(y)))
+        else:  # the common case, without the tuple's bookkeeping
+            shape = state.shapes[0]
+            dy = self.func(t, y.view(shape))
+            if not isinstance(dy, Tensor) or dy.shape != shape:
+                dy = state.flatten_derivative(self.op, dy)  # raises the error that names what is wrong
+            dy = dy.reshape(1, -1)
         return dy if direction > 0 else -dy
 
     def flat_solver(self, rtol, atol, options, func=None, norm=None, backward=False) -> FlatSolver:
@@ -294,12 +303,13 @@ def _check_times(op, t, state: State, per_sample: bool, event: bool) -> Tensor:
         raise ValueError(f"{op}: `t` must hold values, got a tensor on the meta device")
     if t.dim() == 2 and t.shape[1] != state.rows:
         raise ValueError(f"{op}: `t` of shape (T, B) must have B = {state.rows} (y0's batch), got {tuple(t.shape)}")
-    if event:
-        if t.shape[0] < 1:
-            raise ValueError(f"{op}: `t` must hold the initial time for an event solve")
-        return t
-    d = t[1:] - t[:-1]
-    monotone = (d > 0).all(0) | (d < 0).all(0)
-    if not bool(torch.isfinite(t).all() & monotone.all()):
+    if t.dim() == 1:  # one read of the times, checked on the host (the default solver steps on them there)
+        values = t.detach().double().tolist()
+        steps = [b - a for a, b in zip(values, values[1:])]
+        ok = all(math.isfinite(x) for x in values) and (all(d > 0 for d in steps) or all(d < 0 for d in steps))
+    else:
+        d = t[1:] - t[:-1]
+        values, ok = None, bool(torch.isfinite(t).all() & ((d > 0).all(0) | (d < 0).all(0)).all())
+    if not ok and not event:
         raise ValueError(f"{op}: `t` must be finite and strictly increasing or strictly decreasing")
-    return t
+    return values
