@@ -696,47 +696,84 @@ def solve(func=decay, y0=None, t=None, **kw):
     return accel.odeint(func, torch.ones(2, 3) if y0 is None else y0, TIMES if t is None else t, **kw)
 
 
+def solve_per_sample(func=decay, y0=None, t=None, **options):
+    return accel.odeint(func, torch.ones(2, 3) if y0 is None else y0, TIMES if t is None else t, options=options,
+                        per_sample=True)
+
+
 bad("odeint-func-not-callable", lambda: solve(func=1.0), "func", TypeError)
 bad("odeint-func-wrong-shape", lambda: solve(func=lambda t, y: y[:, :2]), "func")
-bad("odeint-y0-int", lambda: solve(y0=torch.ones(2, 3, dtype=torch.int32)), "y0")
-bad("odeint-y0-wrong-rank", lambda: solve(y0=torch.ones(1, 2, 3)), "y0")
+bad("odeint-func-returns-a-tuple", lambda: solve(func=lambda t, y: (y, y)), "func")
+bad("odeint-tuple-func-wrong-shape", lambda: solve(func=lambda t, y: (y[0], y[1][:1]), y0=(torch.ones(2), torch.ones(3))),
+    "func")
+bad("odeint-y0-int", lambda: solve(y0=torch.ones(2, 3, dtype=torch.int32)), "y0", TypeError)
+bad("odeint-y0-list", lambda: solve(y0=[1.0, 2.0]), "y0", TypeError)
+bad("odeint-y0-tuple-mixed-dtypes", lambda: solve(y0=(torch.ones(2), torch.ones(2, dtype=torch.float64))), "y0",
+    TypeError)
 bad("odeint-y0-on-meta", lambda: solve(y0=meta(torch.ones(2, 3))), "y0")
 bad("odeint-t-on-meta", lambda: solve(t=meta(TIMES)), "t")
 bad("odeint-t-wrong-rank", lambda: solve(t=TIMES[None]), "t")
 bad("odeint-t-empty", lambda: solve(t=torch.zeros(0)), "t")
-bad("odeint-t-decreasing", lambda: solve(t=TIMES.flip(0)), "t")
+bad("odeint-t-not-monotone", lambda: solve(t=torch.tensor([0.0, 1.0, 0.5])), "t")
 bad("odeint-t-nan", lambda: solve(t=torch.tensor([0.0, NAN, 1.0])), "t")
 bad("odeint-t-inf", lambda: solve(t=torch.tensor([0.0, 1.0, INF])), "t")
-bad("odeint-method-unknown", lambda: solve(method="euler"), "method")
-for _name, _value in (("rtol", -1e-6), ("rtol", NAN), ("rtol", None), ("atol", INF), ("atol", torch.tensor(1e-8))):
+bad("odeint-t-int", lambda: solve(t=torch.tensor([0, 1])), "t")
+bad("odeint-method-unknown", lambda: solve(method="dopri8"), "method")
+for _name, _value in (("rtol", -1e-6), ("rtol", NAN), ("rtol", None), ("atol", INF), ("atol", torch.ones(2))):
     bad(f"odeint-{_name}-{_value}", lambda n=_name, v=_value: solve(**{n: v}), _name)
 bad("odeint-tolerances-both-zero", lambda: solve(rtol=0.0, atol=0.0), "atol")
-bad("odeint-controller-unknown", lambda: solve(controller="PID"), "controller")
-for _name, _value in (("safety", 1.5), ("safety", NAN), ("safety", "0.9"), ("first_step", 0.0), ("first_step", NAN),
-                      ("step_size", -0.1), ("min_step", -1.0), ("min_step", INF), ("max_steps", 0),
-                      ("max_steps", 10.5), ("check_every", 0)):
-    bad(f"odeint-{_name}-{_value}", lambda n=_name, v=_value: solve(**{n: v}), _name)
-bad("odeint-rk4-without-step_size", lambda: solve(method="rk4"), "step_size")
-bad("odeint-regularization-unknown", lambda: solve(regularization="kinetic"), "regularization")
-bad("odeint-error-norm-unknown", lambda: solve(error_norm="max"), "error_norm")
-bad("odeint-regularization-with-rk4", lambda: solve(method="rk4", step_size=0.1, regularization="error"),
-    "regularization")
-bad("odeint-stiffness-with-bosh3", lambda: solve(method="bosh3", regularization="stiffness"), "regularization")
-bad("odeint-params-missing", lambda: solve(y0=torch.ones(2, 3, requires_grad=True)), "params")
-bad("odeint-params-not-tensors", lambda: solve(params=[1.0]), "params", TypeError)
-ok("odeint-empty-batch", lambda: solve(y0=torch.ones(0, 3)), empty_like_shape(3, 0, 3))
-bad("odeint-empty-state", lambda: solve(y0=torch.ones(2, 0)), "y0")
+bad("odeint-options-not-a-dict", lambda: solve(options=[("step_size", 0.1)]), "options", TypeError)
+bad("odeint-options-unknown", lambda: solve(options={"controller": "PI"}), "options")
+bad("odeint-options-of-fixed-steps-for-dopri5", lambda: solve(options={"step_size": 0.1}), "options")
+for _name, _value in (("safety", NAN), ("safety", "0.9"), ("first_step", 0.0), ("first_step", -1.0),
+                      ("min_step", -1.0), ("max_num_steps", 0), ("max_num_steps", 10.5)):
+    bad(f"odeint-options-{_name}-{_value}", lambda n=_name, v=_value: solve(options={n: v}),
+        f"options['{_name}']")
+bad("odeint-options-step_size-negative", lambda: solve(method="rk4", options={"step_size": -0.1}),
+    "options['step_size']")
+bad("odeint-options-interp-unknown", lambda: solve(method="rk4", options={"interp": "spline"}), "options['interp']")
+bad("odeint-regularization-without-per_sample", lambda: solve(regularization="error"), "regularization")
+bad("odeint-max_num_steps-reached", lambda: solve(t=torch.tensor([0.0, 100.0]), options={"max_num_steps": 2}),
+    "max_num_steps", RuntimeError)
 ok("odeint-one-time", lambda: solve(t=TIMES[:1]), lambda out: torch.equal(out, torch.ones(1, 2, 3)))
-# a NaN state rejects every step: the solver must stop at once with an error, not run to max_steps
-bad("odeint-nan-in-y0", lambda: solve(y0=with_value(torch.ones(2, 3), (1, 2), NAN)), "y0", RuntimeError,
-    match="sample 1")
-bad("odeint-inf-in-y0", lambda: solve(y0=with_value(torch.ones(2, 3), (0, 0), INF), first_step=0.1), "y0",
-    RuntimeError, match="sample 0")
-bad("odeint-nan-from-func", lambda: solve(func=lambda t, y: y * torch.where(t[:, None] > 0.2, NAN, 1.0)), "func",
-    RuntimeError)
+ok("odeint-empty-state", lambda: solve(y0=torch.ones(2, 0)), empty_like_shape(3, 2, 0))
+# a NaN state rejects every step, each shrinking the next: the solver stops with an error once the step underflows
+bad("odeint-nan-in-y0", lambda: solve(y0=with_value(torch.ones(2, 3), (1, 2), NAN)), "func", RuntimeError,
+    match="NaN")
+bad("odeint-nan-from-func", lambda: solve(func=lambda t, y: y * (NAN if t > 0.2 else 1.0)), "func", RuntimeError)
 # with fixed steps there is no error estimate to reject them: the NaN comes out in the solution
-ok("odeint-rk4-nan-in-y0", lambda: solve(y0=with_value(torch.ones(2, 3), (1, 2), NAN), method="rk4", step_size=0.25),
-   nan_at((slice(None), 1, 2)))
+ok("odeint-rk4-nan-in-y0", lambda: solve(y0=with_value(torch.ones(2, 3), (1, 2), NAN), method="rk4",
+                                         options={"step_size": 0.25}), nan_at((slice(None), 1, 2)))
+
+bad("odeint-per_sample-y0-without-batch", lambda: solve_per_sample(y0=torch.tensor(1.0)), "y0")
+bad("odeint-per_sample-t-of-another-batch", lambda: solve_per_sample(t=torch.zeros(3, 5)), "t")
+bad("odeint-per_sample-t-wrong-rank", lambda: solve_per_sample(t=torch.zeros(3, 2, 1)), "t")
+bad("odeint-per_sample-controller-unknown", lambda: solve_per_sample(controller="PID"), "controller")
+bad("odeint-per_sample-options-unknown", lambda: solve_per_sample(jump_t=torch.tensor([0.5])), "options")
+for _name, _value in (("safety", 1.5), ("safety", NAN), ("safety", "0.9"), ("first_step", 0.0), ("first_step", NAN),
+                      ("step_size", -0.1), ("min_step", -1.0), ("min_step", INF), ("max_num_steps", 0),
+                      ("max_num_steps", 10.5), ("check_every", 0)):
+    bad(f"odeint-per_sample-{_name}-{_value}", lambda n=_name, v=_value: solve_per_sample(**{n: v}), _name)
+for _kind, _method in (("kinetic", "dopri5"), ("error", "rk4"), ("stiffness", "bosh3")):
+    bad(f"odeint-per_sample-regularization-{_kind}-{_method}",
+        lambda k=_kind, m=_method: accel.odeint(decay, torch.ones(2, 3), TIMES, method=m, per_sample=True,
+                                                regularization=k), "regularization")
+bad("odeint-per_sample-params-missing", lambda: solve_per_sample(y0=torch.ones(2, 3, requires_grad=True)),
+    "options['params']")
+bad("odeint-per_sample-params-not-tensors", lambda: solve_per_sample(params=[1.0]), "options['params']", TypeError)
+ok("odeint-per_sample-empty-batch", lambda: solve_per_sample(y0=torch.ones(0, 3)), empty_like_shape(3, 0, 3))
+bad("odeint-per_sample-empty-state", lambda: solve_per_sample(y0=torch.ones(2, 0)), "y0")
+bad("odeint-per_sample-nan-in-y0", lambda: solve_per_sample(y0=with_value(torch.ones(2, 3), (1, 2), NAN)), "y0",
+    RuntimeError, match="sample 1")
+bad("odeint-per_sample-inf-in-y0", lambda: solve_per_sample(y0=with_value(torch.ones(2, 3), (0, 0), INF),
+                                                            first_step=0.1), "y0", RuntimeError, match="sample 0")
+bad("odeint-per_sample-nan-from-func",
+    lambda: solve_per_sample(func=lambda t, y: y * torch.where(t > 0.2, NAN, 1.0)), "func", RuntimeError)
+bad("odeint_adjoint-closure-without-adjoint_params", lambda: accel.odeint_adjoint(decay, torch.ones(2), TIMES),
+    "func")
+bad("odeint_event-t0-not-a-tensor", lambda: accel.odeint_event(decay, torch.ones(2), 0.0, event_fn=decay), "t0",
+    TypeError)
+bad("odeint-event_fn-not-callable", lambda: solve(event_fn=1.0), "event_fn", TypeError)
 
 
 def local(func=decay, t=None, y=None, **kw):

@@ -229,7 +229,7 @@ def test_bad_arguments_get_clear_errors(kwargs, match):
 
 def test_a_closure_with_grad_needs_params_and_max_steps_is_enforced():
     y0 = torch.ones(2, 1, requires_grad=True)
-    with pytest.raises(ValueError, match=r"options\['params'\] must list"):
+    with pytest.raises(ValueError, match=r"`options\['params'\]` must list"):
         per_sample(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]))
     with pytest.raises(RuntimeError, match="more than max_num_steps=2"):
         per_sample(lambda t, y: -y, y0.detach(), torch.tensor([0.0, 100.0]), max_num_steps=2, first_step=0.01)

@@ -71,7 +71,7 @@ class FlatSolver:
         """The step's error ratio: norm(err / (atol + rtol max(|y|, |y1|))), err = h sum_i b_err[i] k[i] (Hairer's
         RMS by default)."""
         with torch.no_grad():  # the step size is a constant of the backward
-            err = _combine(torch.zeros_like(y), k, h, self.b_err)
+            err = _combine(None, k, h, self.b_err)
             scaled = err.div_(torch.maximum(y.abs(), y1.abs()).mul_(self.rtol).add_(self.atol))
             if self.norm is None:
                 return float(torch.linalg.vector_norm(scaled)) / math.sqrt(scaled.numel())
@@ -110,6 +110,8 @@ class FlatSolver:
 
     def solve(self, y0: Tensor, times: list, event_fn=None):
         """y at every output time (T, 1, N); with ``event_fn`` (times = [t0]), (event time, y at it)."""
+        if y0.numel() == 0 and event_fn is None:  # nothing to integrate
+            return y0.expand(len(times), *y0.shape).clone()
         if self.tableau.error_order == 0:
             return self._solve_fixed(y0, times, event_fn)
         return self._solve_adaptive(y0, times, event_fn)
@@ -124,7 +126,8 @@ class FlatSolver:
         sign0 = None if event_fn is None else _sign(event_fn(t, y))
         while index < len(times) or event_fn is not None:
             if attempts >= self.max_num_steps:
-                raise RuntimeError(f"odeint: max_num_steps={self.max_num_steps} step attempts exceeded at t = {t:.9g}")
+                raise RuntimeError(f"odeint: more than `max_num_steps` = {self.max_num_steps} step attempts, at "
+                                   f"t = {t:.9g}")
             attempts += 1
             if not math.isfinite(h):
                 h = self.min_step
@@ -262,15 +265,17 @@ class FlatSolver:
 
 
 def _combine(y: Tensor, k: list, h: float, weights) -> Tensor:
-    """y + h sum_j weights[j] k[j] over the nonzero weights: a stage input, the solution or the dense output.
-    One add per term, each an autograd node whose backward is a scaling of the incoming gradient (a fused op over
-    stacked stages would copy the stages forward and backward, which costs more at the sizes of a whole-state
-    solve)."""
-    out = None
+    """y + h sum_j weights[j] k[j] over the nonzero weights: a stage input, the solution or the dense output
+    (y=None: the sum alone). The increment is summed first and added to y once, so y is rounded once per step.
+    One op per term, each an autograd node whose backward scales the incoming gradient (a fused op over stacked
+    stages would copy the stages forward and backward, which costs more at the sizes of a whole-state solve)."""
+    inc = None
     for kj, w in zip(k, weights):
         if w != 0.0:
-            out = torch.add(y, kj, alpha=h * w) if out is None else out.add_(kj, alpha=h * w)
-    return y if out is None else out
+            inc = torch.mul(kj, h * w) if inc is None else inc.add_(kj, alpha=h * w)
+    if y is None:
+        return torch.zeros_like(k[0]) if inc is None else inc
+    return y if inc is None else y + inc
 
 
 def _ignore(*args):

@@ -24,6 +24,7 @@ from torch import Tensor
 from accel.ode.flat_solver import FlatSolver
 from accel.ode.per_sample import solve_per_sample
 from accel.ode.state import State
+from accel.ops._checks import check_count
 from accel.reference.ode import METHODS
 
 # options of the default solver, as torchdiffeq names them; accel's per-sample options are per_sample.OPTIONS
@@ -180,19 +181,20 @@ class _Problem:
         for name, value in kw.items():
             kw[name] = _positive(op, name, value, zero_ok=name == "min_step")
         if "max_num_steps" in options:
-            kw["max_num_steps"] = int(options["max_num_steps"])
+            check_count(op, "options['max_num_steps']", options["max_num_steps"])
+            kw["max_num_steps"] = options["max_num_steps"]
         for name in ("step_t", "jump_t"):
             if options.get(name) is not None:
                 kw[name] = [sign * x for x in torch.as_tensor(options[name]).reshape(-1).tolist()]
         if "interp" in options:
             if options["interp"] not in ("linear", "cubic"):
-                raise ValueError(f"{op}: options['interp'] must be 'linear' or 'cubic', got {options['interp']!r}")
+                raise ValueError(f"{op}: `options['interp']` must be 'linear' or 'cubic', got {options['interp']!r}")
             kw["interp"] = options["interp"]
         kw["perturb"] = bool(options.get("perturb", False))
         constructor = options.get("grid_constructor")
         if constructor is not None:
             if "step_size" in kw:
-                raise ValueError(f"{op}: options['step_size'] and options['grid_constructor'] exclude each other")
+                raise ValueError(f"{op}: `options['step_size']` and `options['grid_constructor']` exclude each other")
             y0, like = self.state.unflatten(self.state.flat.detach()), self.t.detach()
             kw["grid"] = lambda times: [sign * x for x in torch.as_tensor(
                 constructor(func or self.func, y0, like.new_tensor([sign * x for x in times]))).tolist()]
@@ -289,7 +291,7 @@ def _positive(op, name, value, zero_ok=False) -> float:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (
             value == 0 and not zero_ok):
-        raise ValueError(f"odeint: options['{name}'] must be a number {'>=' if zero_ok else '>'} 0, got {value!r}")
+        raise ValueError(f"{op}: `options['{name}']` must be a number {'>=' if zero_ok else '>'} 0, got {value!r}")
     return float(value)
 
 

@@ -54,11 +54,12 @@ def solve_per_sample(problem, event_fn, regularization, return_stats):
                             **{k: v for k, v in options.items() if k not in ("params", "dense_output")})
     y0, t = state.flat, problem.t
     B = state.rows
-    sign = torch.ones(B, dtype=y0.dtype, device=y0.device)
-    if t.shape[0] > 1:
-        sign = torch.sign(t[1] - t[0]).to(y0.dtype).expand(B).contiguous()
-    times = (t.detach().to(device=y0.device, dtype=y0.dtype) * (sign if t.dim() == 2 else sign[0])).contiguous()
-    user_dims = (1,) * (state.shapes[0].__len__() - 1)
+    # each sample's direction of time: the solver steps on sign * t, increasing, with dy/ds = sign f(sign s, y)
+    step = (t[1] - t[0]).detach() if t.shape[0] > 1 else t.new_ones(t.shape[1:])
+    direction = torch.where(step < 0, -1.0, 1.0).to(device=y0.device, dtype=y0.dtype)
+    times = (t.detach().to(device=y0.device, dtype=y0.dtype) * direction).contiguous()
+    sign = direction.expand(B).contiguous()
+    user_dims = (1,) * (len(state.shapes[0]) - 1)
 
     def func(tb, y):
         dy = state.flatten_derivative(op, problem.func((sign * tb).view(B, *user_dims), state.unflatten(y)))
@@ -69,16 +70,16 @@ def solve_per_sample(problem, event_fn, regularization, return_stats):
         if isinstance(problem.func, nn.Module):
             params = tuple(p for p in problem.func.parameters() if p.requires_grad)
         elif y0.requires_grad:
-            raise ValueError(f"{op}: with per_sample=True, options['params'] must list the tensors `func` depends on "
+            raise ValueError(f"{op}: with per_sample=True, `options['params']` must list the tensors `func` depends on "
                              "(or be ()) when y0 requires grad and `func` is not an nn.Module")
         else:
             params = ()
     try:
         params = tuple(params)
     except TypeError:
-        raise TypeError(f"{op}: options['params'] must be an iterable of tensors, got {type(params).__name__}") from None
+        raise TypeError(f"{op}: `options['params']` must be an iterable of tensors, got {type(params).__name__}") from None
     if not all(isinstance(p, Tensor) for p in params):
-        raise TypeError(f"{op}: options['params'] must hold tensors, got {[type(p).__name__ for p in params]}")
+        raise TypeError(f"{op}: `options['params']` must hold tensors, got {[type(p).__name__ for p in params]}")
     check_every = options.get("check_every")
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 4

@@ -2,6 +2,8 @@
 step it: one row (1, N) of all components, or with per-sample control one row per sample (B, N / B)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,7 @@ class State:
         self.shapes = [x.shape for x in tensors]
         self.dtype, self.device = first.dtype, first.device
         self.rows = first.shape[0] if per_sample else 1
-        self.sizes = [x.numel() // self.rows if self.rows else x[0].numel() if x.dim() else 1 for x in tensors]
+        self.sizes = [math.prod(x.shape[1:]) if per_sample else x.numel() for x in tensors]
         if per_sample and sum(self.sizes) == 0:  # the error norm would be a mean over no components
             raise ValueError(f"{op}: `y0` must have at least one state component per sample, got shapes "
                              f"{[tuple(s) for s in self.shapes]}")
@@ -39,8 +41,8 @@ class State:
     def flatten(self, tensors) -> Tensor:
         """(rows, N) from a tensor or tuple shaped like y0."""
         if not self.is_tuple or len(self.shapes) == 1:
-            return tensors[0].reshape(self.rows, -1)
-        return torch.cat([x.reshape(self.rows, -1) for x in tensors], 1)
+            return tensors[0].reshape(self.rows, self.sizes[0])
+        return torch.cat([x.reshape(self.rows, n) for x, n in zip(tensors, self.sizes)], 1)
 
     def flatten_derivative(self, op: str, value) -> Tensor:
         """func's return value, checked against y0's structure, as (rows, N)."""
