@@ -65,8 +65,8 @@ class ODEModel(nn.Module):
             tau = times[0] + (times[-1] - times[0]) * torch.rand(()).item()
             times = torch.cat([times, times.new_tensor([tau])]).sort().values
         kind = {"ERNODE": "error", "STRNODE": "stiffness"}.get(self.variant) if regularize else None
-        ys, *rest = accel.odeint(self.func, y0, times, "dopri5", self.rtol, self.atol, regularization=kind,
-                                 return_stats=True)
+        ys, *rest = accel.odeint(self.func, y0, times, method="dopri5", rtol=self.rtol, atol=self.atol,
+                                 per_sample=True, regularization=kind, return_stats=True)
         self.nfe = rest[-1]["nfe"]
         loss = ys.new_zeros(())
         if kind is not None:

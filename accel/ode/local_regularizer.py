@@ -21,7 +21,7 @@ def local_regularizer(func, t: Tensor, y: Tensor, h: Tensor | None = None, metho
     method's stability bound ('stiffness'): (B,), differentiable w.r.t. y and func's parameters.
 
     Args:
-        func: func(t, y) as for accel.odeint.
+        func: func(t, y) as for accel.odeint with per_sample=True: t the (B, 1) times, y (B, D).
         t: (B,) times, y: (B, D) states on the trajectory there.
         h: (B,) step sizes; None: Hairer's starting step for (t, y) (treated as a constant).
         method: an adaptive method of accel.odeint (dopri5, tsit5, bosh3; 'stiffness' needs dopri5 or tsit5).
@@ -43,14 +43,15 @@ def local_regularizer(func, t: Tensor, y: Tensor, h: Tensor | None = None, metho
         raise ValueError(f"{op}: `t` must have shape (B,) = ({y.shape[0]},) on `y`'s device {y.device}, got "
                          f"{tuple(t.shape)} on {t.device}")
     check_tolerances(op, rtol, atol)
-    k0 = func(t, y)
+    f = lambda times, state: func(times[:, None], state)  # noqa: E731
+    k0 = f(t, y)
     if h is None:
         with torch.no_grad():
-            h = initial_step(func, t, y.detach(), k0.detach(), tableau.error_order, rtol, atol)
+            h = initial_step(f, t, y.detach(), k0.detach(), tableau.error_order, rtol, atol)
     k, g = [k0], [y]
     for i, row in enumerate(tableau.a[1:], start=1):
         g.append(rk_stage(y, torch.stack(k), h, list(row)))
-        k.append(func(t + tableau.c[i] * h, g[-1]))
+        k.append(f(t + tableau.c[i] * h, g[-1]))
     # FSAL tableaus: the last stage's input is y1
     norm, rho = rk_finalize(y, g[-1], torch.stack(k), g[-2], h, list(tableau.b_err), rtol, atol)
     return norm if kind == "error" else (h * rho).abs() / tableau.stability_bound

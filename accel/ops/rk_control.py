@@ -1,10 +1,10 @@
 """accel.ops.rk_begin and rk_accept: the adaptive solver's per-sample step control, one call each per iteration
-of accel.odeint (before the stages, and after rk_finalize's error norm).
+of accel.odeint with per_sample=True (before the stages, and after rk_finalize's error norm).
 
 Flow: rk_begin / rk_accept -> torch.ops.accel.* -> C++ on the CPU (csrc/cpu/rk_control.cpp: one loop over the
 batch), the PyTorch kernels below elsewhere (CUDA: a dozen (B,)-vector operations, no host sync). rk_accept
 updates the solver's state in place. Neither is differentiable: step sizes and accept/reject decisions are
-constants of the solver's backward (accel/ode/odeint.py).
+constants of the solver's backward (accel/ode/per_sample.py).
 
 The rules, per sample (Hairer, Norsett and Wanner, Solving ODEs I, II.4; accel/reference/ode.py):
 - the step is min(h, t_next - t), t_next the sample's next output time (or h, with dense output); 0 once the

@@ -51,6 +51,18 @@ def quartic_through_midpoint(b, mid):
     return tuple(rows)
 
 
+def hermite_cubic(b):
+    """Dense-output rows of the cubic Hermite interpolant through y, y1 = y + h sum_i b_i k_i and the slopes k_0 at
+    the start and the last row's stage, f(t1, y1), at the end: b_i(theta) = d_i theta + (3 b_i - 2 d_i - e_i)
+    theta^2 + (d_i + e_i - 2 b_i) theta^3 with d, e the indicators of the first and last rows. Third-order
+    accurate, for the methods whose own interpolant would be of lower order."""
+    rows = []
+    for i, bi in enumerate(b):
+        f0, f1 = float(i == 0), float(i == len(b) - 1)
+        rows.append((f0, 3 * bi - 2 * f0 - f1, f0 + f1 - 2 * bi))
+    return tuple(rows)
+
+
 DOPRI5 = Tableau(
     c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
     a=((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
@@ -93,19 +105,19 @@ BOSH3 = Tableau(
     b=(2 / 9, 1 / 3, 4 / 9, 0.0),
     b_err=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
     order=3, error_order=2,
-    interpolant=quartic_through_midpoint((2 / 9, 1 / 3, 4 / 9, 0.0), (0.0, 1 / 2, 0.0, 0.0)))
+    interpolant=hermite_cubic((2 / 9, 1 / 3, 4 / 9, 0.0)))
 
 
 # Low-order adaptive pairs. They are not FSAL: the next step's first stage is f(t1, y1), which the dense output
 # uses as its end slope (an extra row of the interpolant, after the stages).
 ADAPTIVE_HEUN = Tableau(
     c=(0.0, 1.0), a=((), (1.0,)), b=(1 / 2, 1 / 2), b_err=(1 / 2, -1 / 2), order=2, error_order=1, fsal=False,
-    interpolant=quartic_through_midpoint((1 / 2, 1 / 2, 0.0), (1 / 2, 0.0, 0.0)))
+    interpolant=hermite_cubic((1 / 2, 1 / 2, 0.0)))
 
 FEHLBERG2 = Tableau(
     c=(0.0, 1 / 2, 1.0), a=((), (1 / 2,), (1 / 256, 255 / 256)), b=(1 / 512, 255 / 256, 1 / 512),
     b_err=(-1 / 512, 0.0, 1 / 512), order=2, error_order=1, fsal=False,
-    interpolant=quartic_through_midpoint((1 / 512, 255 / 256, 1 / 512, 0.0), (0.0, 1 / 2, 0.0, 0.0)))
+    interpolant=hermite_cubic((1 / 512, 255 / 256, 1 / 512, 0.0)))
 
 
 def _fixed(c, a, b, order):
