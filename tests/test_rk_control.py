@@ -102,3 +102,38 @@ def test_dense_output_matches_the_pytorch_kernel_and_the_reference_interpolant(d
             want = ode.interpolate(st["y"][b:b + 1], st["k"][:, b:b + 1], step[b:b + 1],
                                    (times[r] / step[b]).reshape(1), DOPRI5)
             torch.testing.assert_close(ours["out"][r, b], want[0])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_per_sample_output_times_match_the_pytorch_kernel_and_each_sample_alone(dense):
+    """times (T, B): every sample steps towards its own next output time; the same as the shared-times kernels
+    run on that sample alone with its own column of times."""
+    st, _ = state(B=6, T=4)
+    times = torch.sort(torch.rand(4, 6, dtype=torch.float64) * 2, dim=0).values.contiguous()
+    st["next_index"] = torch.tensor([1, 2, 3, 4, 1, 2])
+    st["t"] = torch.minimum(times[(st["next_index"] - 1).clamp(max=3), torch.arange(6)],
+                            times[st["next_index"].clamp(max=3), torch.arange(6)])
+    interpolant = DOPRI5.interpolant if dense else None
+    step, stage_times = rk_begin(st["t"], st["h"], st["next_index"], times, C, clip=not dense)
+    want_step, want_times = control._reference_begin(st["t"], st["h"], st["next_index"], times, C, not dense)
+    torch.testing.assert_close(step, want_step, rtol=0, atol=0)
+    torch.testing.assert_close(stage_times, want_times)
+    y1, norm = torch.randn_like(st["y"]), torch.rand(6, dtype=torch.float64) * 1.5
+    ours = {name: x.clone() for name, x in st.items()}
+    theirs = {name: x.clone() for name, x in st.items()}
+    args = (y1, norm, step, times, 0.9, 5, False, True)
+    status, _ = rk_accept(*ours.values(), *args, interpolant)
+    flat = None if interpolant is None else [float(x) for row in interpolant for x in row]
+    control._reference_accept(*theirs.values(), *args, flat)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], msg=name)
+    for b in range(6):
+        alone = {name: (x[:, b:b + 1] if name in ("k", "out") else x[b:b + 1]).clone() for name, x in st.items()}
+        one_step, _ = rk_begin(alone["t"], alone["h"], alone["next_index"], times[:, b].contiguous(), C,
+                               clip=not dense)
+        assert one_step.item() == step[b].item()
+        rk_accept(*alone.values(), y1[b:b + 1], norm[b:b + 1], one_step, times[:, b].contiguous(), 0.9, 5, False,
+                  True, interpolant)
+        for name, x in alone.items():
+            got = ours[name][:, b:b + 1] if name in ("k", "out") else ours[name][b:b + 1]
+            torch.testing.assert_close(got, x, rtol=0, atol=0, msg=name)
