@@ -268,7 +268,14 @@ def _odeint_make(gen):
 
 def _odeint_run(d):
     y0, w = _leaves(d["y0"], d["w"])
-    ys = accel.odeint(lambda t, y: torch.tanh(y @ w), y0, d["t"], rtol=1e-5, atol=1e-7, params=(w,))
+    ys = accel.odeint(lambda t, y: torch.tanh(y @ w), y0, d["t"], rtol=1e-5, atol=1e-7)
+    return _grads([ys], [y0, w], [d["g"]])
+
+
+def _odeint_per_sample_run(d):
+    y0, w = _leaves(d["y0"], d["w"])
+    ys = accel.odeint(lambda t, y: torch.tanh(y @ w), y0, d["t"], rtol=1e-5, atol=1e-7, per_sample=True,
+                      options={"params": (w,)})
     return _grads([ys], [y0, w], [d["g"]])
 
 
@@ -293,6 +300,7 @@ CASES = [
     Case("rk_finalize", _rk_make, _rk_finalize_run, True, ("rk_finalize",)),
     Case("rk_control", _rk_control_make, _rk_control_run, False, ("rk_begin", "rk_accept")),
     Case("odeint", _odeint_make, _odeint_run, True, ()),
+    Case("odeint_per_sample", _odeint_make, _odeint_per_sample_run, True, ()),
 ]
 
 

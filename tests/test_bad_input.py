@@ -870,7 +870,7 @@ for _row in [
     ("NeuralODE-t_span-one-time", lambda: NeuralODE(nn.Linear(3, 3), t_span=(0.0,)), "t_span"),
     ("NeuralODE-t_span-decreasing", lambda: NeuralODE(nn.Linear(3, 3), t_span=(1.0, 0.0)), "t_span"),
     ("NeuralODE-t_span-nan", lambda: NeuralODE(nn.Linear(3, 3), t_span=(0.0, NAN)), "t_span"),
-    ("NeuralODE-method-unknown", lambda: NeuralODE(nn.Linear(3, 3), method="euler"), "method"),
+    ("NeuralODE-method-unknown", lambda: NeuralODE(nn.Linear(3, 3), method="dopri8"), "method"),
     ("NeuralODE-rtol-negative", lambda: NeuralODE(nn.Linear(3, 3), rtol=-1.0), "rtol"),
     ("NeuralODE-regularization-unknown", lambda: NeuralODE(nn.Linear(3, 3), regularization="l2"), "regularization"),
     ("NeuralODE-reg_weight-nan", lambda: NeuralODE(nn.Linear(3, 3), reg_weight=NAN), "reg_weight"),

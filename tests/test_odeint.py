@@ -339,8 +339,16 @@ def test_per_sample_events_stop_each_sample_at_its_own_event():
         torch.testing.assert_close(ys[:, b], alone[:, 0], rtol=1e-10, atol=0)
 
 
-def test_per_sample_events_are_not_differentiable_yet():
-    y0 = torch.ones(2, 1, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        accel.odeint(lambda t, y: -y, y0, torch.tensor([0.0]), event_fn=lambda t, y: y[:, 0] - 0.5,
-                     per_sample=True, options={"params": ()})
+def test_per_sample_event_gradients_are_each_samples_own():
+    """Balls dropped from heights h_b hit the ground at sqrt(2 h_b / g): d t_b / d h_b = 1 / (g t_b), and the
+    speed there, -g t_b, moves with it."""
+    heights = torch.tensor([[1.0, 0.0], [2.0, 0.0], [5.0, 0.0]], dtype=F64, requires_grad=True)
+    field = lambda t, s: torch.stack([s[:, 1], torch.full_like(s[:, 1], -9.81)], 1)  # noqa: E731
+    event_t, states = accel.odeint(field, heights, torch.tensor([0.0], dtype=F64), event_fn=lambda t, s: s[:, 0],
+                                   per_sample=True, rtol=1e-10, atol=1e-12, options={"params": ()})
+    exact = torch.sqrt(2 * heights[:, 0].detach() / 9.81)
+    torch.testing.assert_close(event_t, exact, rtol=1e-8, atol=0)
+    (grad,) = torch.autograd.grad(event_t.sum(), heights, retain_graph=True)
+    torch.testing.assert_close(grad[:, 0], 1 / (9.81 * exact), rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(states[-1, :, 1].sum(), heights)  # the speed at impact, -g t_b
+    torch.testing.assert_close(grad[:, 0], -9.81 / (9.81 * exact), rtol=1e-6, atol=0)

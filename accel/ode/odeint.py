@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from accel.ode.event_gradient import EventGradient
 from accel.ode.flat_solver import FlatSolver
 from accel.ode.per_sample import solve_per_sample
 from accel.ode.state import State
@@ -91,34 +92,6 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     direction = -1.0 if reverse_time else 1.0
     t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + direction])
     return solve(func, y0, t, event_fn=event_fn, **kwargs)
-
-
-class _EventGradient(torch.autograd.Function):
-    """(event time, state there) from the state there: the backward is the implicit function theorem's. The event
-    time tau solves c(tau, y(tau)) = 0, so d tau = -(dc/dy . dy(tau)) / (dc/dt + dc/dy . f), and the state at it
-    moves with f d tau. ``rate(tau, y)`` and ``event(tau, y)`` take the user's time and flat rows."""
-
-    @staticmethod
-    def forward(ctx, rate, event, event_t, flat_end):
-        ctx.rate, ctx.event = rate, event
-        ctx.save_for_backward(event_t, flat_end)
-        return event_t.clone(), flat_end.detach().clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_t, grad_end):
-        event_t, flat_end = ctx.saved_tensors
-        with torch.enable_grad():
-            tau = event_t.detach().requires_grad_()
-            y = flat_end.detach().requires_grad_()
-            c = ctx.event(tau, y)
-            dc_dt, dc_dy = torch.autograd.grad(c, (tau, y), allow_unused=True) if c.requires_grad else (None, None)
-        f = ctx.rate(event_t, flat_end).detach()
-        dc_dt = torch.zeros_like(tau) if dc_dt is None else dc_dt
-        dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
-        total_t = grad_t + (grad_end * f).sum()
-        rate = dc_dt + (dc_dy * f).sum()
-        return None, None, None, grad_end - dc_dy * (total_t / rate).to(dc_dy.dtype)
 
 
 class _Problem:
@@ -241,11 +214,11 @@ class _Problem:
         return lambda s, y: (torch.as_tensor(value(s, y)) * signs).min()
 
     def event_result(self, event_fn, s_event: float, y_event: Tensor):
-        """(event time, solution (2, ...)), differentiable through the event time (_EventGradient)."""
+        """(event time, solution (2, ...)), differentiable through the event time (EventGradient)."""
         state, signs = self.state, self.event_signs
         rate = lambda tau, y: state.flatten_derivative(self.op, self.func(tau.to(self.t_dtype), state.unflatten(y)))
         event = lambda tau, y: (torch.as_tensor(event_fn(tau, state.unflatten(y))) * signs).min()
-        event_t, y_event = _EventGradient.apply(rate, event, self.time_tensor(s_event), y_event)
+        event_t, y_event = EventGradient.apply(rate, event, self.time_tensor(s_event), y_event)
         return event_t, state.unflatten(torch.stack([state.flat, y_event]), (2,))
 
     def time_tensor(self, s: float) -> Tensor:

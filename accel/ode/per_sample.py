@@ -15,7 +15,8 @@ output times; otherwise (fixed steps, or dense_output=False, as the reference do
 sample's next output time is shortened to end on it.
 
 Events: each sample stops where its event function changes sign between two steps, located by bisection on that
-step's interpolant.
+step's interpolant. With gradients, the batch is solved again up to each sample's event time (an output time per
+sample) through the discrete adjoint, and the event times get the implicit function theorem's gradient.
 
 Gradients (the discrete adjoint): the forward keeps, per iteration, only the state before the step, its time,
 step size and acceptance, and which output rows it wrote, O(iterations B D). The backward runs the iterations in
@@ -31,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from accel.ode.event_gradient import EventGradient
 from accel.ops._checks import check_count, check_tolerances, is_real
 from accel.ops.rk_control import interpolate_at, rk_accept_unchecked, rk_begin_unchecked
 from accel.ops.rk_finalize import rk_finalize
@@ -96,23 +98,28 @@ def solve_per_sample(problem, event_fn, regularization, return_stats):
         results = [problem.state.unflatten(empty, (empty.shape[0],))] + ([y0.new_zeros(0)] if regularization else [])
         results += [solver.stats] if return_stats else []
         return tuple(results) if len(results) > 1 else results[0]
+    needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if event_fn is not None:
         if regularization is not None:
             raise ValueError(f"{op}: `regularization` cannot be combined with `event_fn`")
-        if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
-            raise NotImplementedError(f"{op}: per-sample events are not differentiable; call it under "
-                                      "torch.no_grad() or use per_sample=False")
+        if not dense:
+            raise ValueError(f"{op}: per-sample events need an adaptive method's interpolant, got method "
+                             f"{problem.method!r}")
+        event = _sample_event(op, event_fn, state, sign, user_dims)
+        start = times[0] if times.dim() == 2 else times[0].expand(B)
         with torch.no_grad():
-            if not dense:
-                raise ValueError(f"{op}: per-sample events need an adaptive method's interpolant, got method "
-                                 f"{problem.method!r}")
-            start = times[0] if times.dim() == 2 else times[0].expand(B)
             solver.times = torch.stack([start, torch.full_like(start, math.inf)])  # each runs until its event
-            event_t, y_event = solver.solve(y0, False, _sample_event(op, event_fn, state, sign, user_dims))
+            event_s, y_event = solver.solve(y0, False, event)
+        event_t = event_s * sign
+        if needs_grad:  # solve again up to each sample's event time as its output time, differentiably
+            solver.times = torch.stack([start, event_s]).contiguous()
+            y_event = _Solve.apply(solver, y0, *params)[-1]
+            event_t, y_event = EventGradient.apply(lambda tau, y: func(sign * tau, y) * sign[:, None],
+                                                    lambda tau, y: event(sign * tau, y), event_t, y_event)
         solution = problem.state.unflatten(torch.stack([y0, y_event]), (2,))
-        results = [(event_t * sign).to(t.dtype), solution]
+        results = [event_t.to(t.dtype), solution]
         return tuple(results + [solver.stats]) if return_stats else tuple(results)
-    if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params)):
+    if needs_grad:
         results = _Solve.apply(solver, y0, *params)
     else:
         with torch.no_grad():
