@@ -24,7 +24,9 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     ``adjoint_params``: the tensors func depends on that need gradients; by default func's parameters (func must
     then be an nn.Module). The adjoint solve uses ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method`` and
     ``adjoint_options`` (by default the forward's). Its error norm is the largest RMS over the state, the adjoint
-    and each parameter's gradient (``adjoint_options['norm'] = 'seminorm'`` leaves the gradients out)."""
+    and each parameter's gradient (``adjoint_options['norm'] = 'seminorm'`` leaves the gradients out; a callable
+    gets torchdiffeq's tuple: the time's adjoint (0 here: the times' gradients are attached directly), the state,
+    its adjoint and the parameters' gradients, each in the user's shapes)."""
     op = "odeint_adjoint"
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
@@ -37,26 +39,26 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                        method if adjoint_method is None else adjoint_method,
                        dict(options or {}) if adjoint_options is None else
                        {k: v for k, v in adjoint_options.items() if k != "norm"}, False, False)
-    seminorm = adjoint_options is not None and adjoint_options.get("norm") == "seminorm"
+    adjoint_norm = None if adjoint_options is None else adjoint_options.get("norm")
     if event_fn is not None:  # find the event without a graph, then solve up to it as to an output time
         with torch.no_grad():
             solver = problem.flat_solver(problem.rtol, problem.atol, problem.options)
             s_event, _ = solver.solve(problem.state.flat, problem.times[:1], problem.event_function(event_fn))
         problem.times = adjoint.times = [problem.times[0], s_event]
-        ys = _Adjoint.apply(problem, adjoint, seminorm, problem.state.flat, *adjoint_params)
+        ys = _Adjoint.apply(problem, adjoint, adjoint_norm, problem.state.flat, *adjoint_params)
         return problem.event_result(event_fn, s_event, ys[-1])
     flat0 = problem.shifted_initial_state()
-    ys = _Adjoint.apply(problem, adjoint, seminorm, flat0, *adjoint_params)
+    ys = _Adjoint.apply(problem, adjoint, adjoint_norm, flat0, *adjoint_params)
     return problem.finish(ys)
 
 
 class _Adjoint(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, problem, adjoint, seminorm, flat0, *params):
+    def forward(ctx, problem, adjoint, adjoint_norm, flat0, *params):
         with torch.no_grad():
             ys = problem.flat_solver(problem.rtol, problem.atol, problem.options).solve(flat0, problem.times)
-        ctx.problem, ctx.adjoint, ctx.seminorm = problem, adjoint, seminorm
+        ctx.problem, ctx.adjoint, ctx.adjoint_norm = problem, adjoint, adjoint_norm
         ctx.save_for_backward(ys, *params)
         return ys
 
@@ -81,7 +83,12 @@ class _Adjoint(torch.autograd.Function):
 
         def norm(x: Tensor) -> Tensor:
             parts = x.split(sizes, -1)
-            parts = parts[:2] if ctx.seminorm else parts
+            if callable(ctx.adjoint_norm):
+                y, a = (problem.state.unflatten(part) for part in parts[:2])
+                y, a = (y, a) if problem.state.is_tuple else ((y,), (a,))
+                grads = (g.reshape(p.shape) for g, p in zip(parts[2:], params))
+                return ctx.adjoint_norm((x.new_zeros(()), *y, *a, *grads))
+            parts = parts[:2] if ctx.adjoint_norm == "seminorm" else parts
             return torch.stack([p.pow(2).mean().sqrt() for p in parts if p.numel()]).max()
 
         solver = adjoint.flat_solver(adjoint.rtol, adjoint.atol, adjoint.options, func=augmented, norm=norm,

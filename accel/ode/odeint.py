@@ -1,4 +1,4 @@
-"""accel.odeint and accel.odeint_event: torchdiffeq's interface and rules, on accel's fused Runge-Kutta step ops.
+"""accel.odeint and accel.odeint_event: torchdiffeq's interface and rules, with accel's per-sample extensions.
 
 Flow: odeint checks its arguments, flattens the state (accel/ode/state.py) and runs one of two solvers:
 - by default (torchdiffeq's meaning of every argument), accel/ode/flat_solver.py: the whole state is one
@@ -45,8 +45,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         t: (T,) strictly increasing or decreasing times; t[0] is the initial time. With ``per_sample``, also
             (T, B): every sample its own times.
         rtol, atol: the error tolerances (Python numbers, or one-element tensors).
-        method: 'dopri5' (default), 'tsit5', 'bosh3' (adaptive); 'rk4' (Kutta's 3/8 rule), 'euler', 'midpoint',
-            'heun2', 'heun3' (fixed steps of ``options['step_size']``, or one step per output interval).
+        method: 'dopri5' (default), 'tsit5', 'bosh3', 'adaptive_heun', 'fehlberg2' (adaptive); 'rk4' (Kutta's 3/8
+            rule), 'euler', 'midpoint', 'heun2', 'heun3' (fixed steps of ``options['step_size']``, or one step per
+            output interval).
         options: torchdiffeq's solver options: first_step, safety, ifactor, dfactor, min_step, max_step,
             max_num_steps, step_t, jump_t, norm (a callable of the state's structure) for the adaptive methods;
             step_size, grid_constructor, interp ('linear' or 'cubic'), perturb for the fixed ones. With
@@ -268,7 +269,8 @@ def _positive(op, name, value, zero_ok=False) -> float:
     return float(value)
 
 
-def _check_times(op, t, state: State, per_sample: bool, event: bool) -> Tensor:
+def _check_times(op, t, state: State, per_sample: bool, event: bool) -> list | None:
+    """The times as Python floats (None for per-sample times (T, B)), checked."""
     dims = (1, 2) if per_sample else (1,)
     if not isinstance(t, Tensor) or t.dim() not in dims or t.shape[0] < 1 or not t.dtype.is_floating_point:
         shapes = "(T,) or (T, B)" if per_sample else "(T,)"
