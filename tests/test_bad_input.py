@@ -803,6 +803,7 @@ def model():
 
 
 bad("quantize_-model-not-module", lambda: accel.quantize_(r(4, 4)), "model", TypeError)
+bad("quantize_-model-a-bare-linear", lambda: accel.quantize_(nn.Linear(4, 4)), "model", TypeError)
 for _bits in (3, "4"):
     bad(f"quantize_-bits-{_bits}", lambda b=_bits: accel.quantize_(model(), b), "bits")
 bad("quantize_-group_size-33", lambda: accel.quantize_(model(), 4, 33), "group_size")

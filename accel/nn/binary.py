@@ -5,7 +5,8 @@ estimator (STE, clipped STE or ReSTE) carries the gradient to the latent values,
 alpha = mean |W| per output row, or one scalar for the whole matrix). In eval mode the same function runs on
 packed bits through accel.ops.binary_linear (XOR + popcount): the weights are packed once and cached until they
 change. ``pack()`` makes that permanent: the latent weights are dropped and the module keeps 1 bit per weight
-(32x fewer bytes than float32), for inference only.
+(32x fewer bytes than float32); the weights are frozen from then on, and the input and the bias still get their
+gradients (the input's through the estimator, as in training), so layers around a packed one can train.
 """
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from accel.nn.packed_linear import PackedLinear
 from accel.ops._checks import is_real
-from accel.ops import binarize, pack_bits
+from accel.ops import binarize, pack_bits, unpack_bits
 from accel.ops.binarize import ESTIMATORS
 from accel.ops.binary_matmul import binary_linear
 from accel.reference.binary import reste_power
@@ -80,11 +81,11 @@ class BinaryLinear(PackedLinear):
 
     def _packed_forward(self, x):
         bits, scale = self._packed_weight()
-        bias = None if self.bias is None else self.bias.detach().float()
-        return binary_linear(x.float(), bits, self.in_features, scale=scale, bias=bias).to(x.dtype)
+        return _FrozenBinaryProduct.apply(x, self.bias, bits, scale, self)
 
     def pack(self) -> "BinaryLinear":
-        """Drops the latent weights and keeps their packed signs (and the scale): inference only, 1 bit per weight."""
+        """Drops the latent weights and keeps their packed signs (and the scale), 1 bit per weight: the weights are
+        frozen."""
         if not self.binarize_input:
             raise RuntimeError("BinaryLinear.pack: a layer with real inputs (binarize_input=False) has no packed kernel")
         if self.packed:
@@ -95,3 +96,30 @@ class BinaryLinear(PackedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"estimator={self.estimator}, scale={self.scale}" + (", packed" if self.packed else ""))
+
+
+class _FrozenBinaryProduct(torch.autograd.Function):
+    """The packed product sign(x) sign(W)^T * scale + bias with the weights frozen: x gets the gradient through the
+    layer's estimator of sign(x) and the binary weights, the bias its own."""
+
+    @staticmethod
+    def forward(ctx, x, bias, bits, scale, layer):
+        ctx.save_for_backward(x, bits, scale)
+        ctx.layer, ctx.bias_dtype = layer, None if bias is None else bias.dtype
+        float_bias = None if bias is None else bias.detach().float()
+        return binary_linear(x.float(), bits, layer.in_features, scale=scale, bias=float_bias).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, bits, scale = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            scaled = grad.float() if scale is None else grad.float() * scale
+            grad_signs = (scaled @ unpack_bits(bits, layer.in_features)).to(x.dtype)
+            grad_x = torch.ops.accel.binarize_backward(grad_signs, x, layer.estimator, float(layer.o), float(layer.t),
+                                                      float(layer.delta))
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None, None

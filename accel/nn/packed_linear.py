@@ -1,6 +1,8 @@
 """PackedLinear: what BinaryLinear and QuantLinear share. Float weights train (nn.Linear's parameters, initialised
 and loaded as nn.Linear's); inference runs on a packed form of them, made once and cached until the weights change;
-``pack()`` keeps only the packed form (the float weights are dropped) and the layer is inference-only from then on."""
+``pack()`` keeps only the packed form (the float weights are dropped): the weights are frozen from then on, in train
+mode as in eval (a model with packed layers and trainable ones around them trains), and the input and the bias
+still get their gradients."""
 import math
 
 import torch
@@ -39,7 +41,11 @@ class PackedLinear(nn.Module):
         return self.weight is None
 
     def _cached(self, make):
-        """make() of the current float weights, made again only when they change."""
+        """make() of the current float weights, made again only when they change. A compiled graph makes it in the
+        graph instead: it cannot compare data pointers, and it reads the weights as they are at each call."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return make()
         version = (self.weight.data_ptr(), self.weight._version)
         if self._cache is None or self._cache[0] != version:
             with torch.no_grad():
@@ -47,7 +53,7 @@ class PackedLinear(nn.Module):
         return self._cache[1]
 
     def _keep_only(self, **buffers) -> "PackedLinear":
-        """Drops the float weights for these buffers (the packed form): inference only."""
+        """Drops the float weights for these buffers (the packed form): the weights are frozen from then on."""
         del self.weight
         self.weight = None
         for name, value in buffers.items():
@@ -62,8 +68,3 @@ class PackedLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: `x` must have {self.in_features} input features, got shape "
                              f"{tuple(x.shape)}")
-
-    def train(self, mode: bool = True):
-        if mode and self.packed:
-            raise RuntimeError(f"{type(self).__name__}: a packed layer has no float weights to train")
-        return super().train(mode)

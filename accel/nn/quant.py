@@ -61,7 +61,7 @@ class QuantLinear(PackedLinear):
         return F.linear(x, w, self.bias)
 
     def pack(self) -> "QuantLinear":
-        """Drops the float weights and keeps the packed codes, steps and offsets: inference only."""
+        """Drops the float weights and keeps the packed codes, steps and offsets: the weights are frozen."""
         if self.packed:
             return self
         qw = self.quantized_weight()
@@ -86,6 +86,9 @@ def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_: `model` must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):  # it swaps the Linears inside a model and cannot swap the model itself
+        raise TypeError("quantize_: `model` is an nn.Linear itself; quantize_ replaces the Linears inside a model. "
+                        "For one layer: QuantLinear.from_linear(linear, bits=...).pack()")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"quantize_: `filter_fn` must be callable as filter_fn(module, name), got {filter_fn!r}")
     if bits == "auto":

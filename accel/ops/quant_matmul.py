@@ -10,8 +10,12 @@
 - Other combinations (2 bits, symmetric 4-bit groups, grouped int8): dequantized to float32 and multiplied by
   torch, correct but with no speed-up.
 Kernels: C++ on the CPU (csrc/cpu/quant_matmul.cpp); Triton on CUDA (kernels/quant_matmul.py, tested under the
-interpreter only); elsewhere the PyTorch references below. Not differentiable (the weights are integers):
-training uses fake quantization (accel.nn.QuantLinear).
+interpreter only); elsewhere the PyTorch references below.
+
+Gradients: the packed weights are frozen (integers); x and the bias get the gradient of x W_hat^T + b, W_hat the
+dequantized weights (straight through the activations' quantization at 8 bits), so layers before a quantized one
+and adapters beside it train (QLoRA's recipe). Training the weights themselves uses fake quantization
+(accel.nn.QuantLinear).
 """
 import torch
 import torch.nn.functional as F
@@ -77,6 +81,42 @@ def _int8_fake(x, w_codes, w_step, bias):
 def _int4_fake(x, w_packed, step, offset, group_size, bias):
     return x.new_empty(x.shape[0], w_packed.shape[0])
 
+
+def _int8_setup(ctx, inputs, output):
+    x, w_codes, w_step, bias = inputs
+    ctx.save_for_backward(w_codes, w_step)
+    ctx.features = x.shape[1]
+
+
+def _int8_backward(ctx, grad):
+    w_codes, w_step = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ (w_codes[:, :ctx.features].float() * w_step[:, None])
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, grad_bias
+
+
+def _int4_setup(ctx, inputs, output):
+    x, w_packed, step, offset, group_size, bias = inputs
+    ctx.save_for_backward(w_packed, step, offset)
+    ctx.group_size = group_size
+
+
+def _int4_backward(ctx, grad):
+    w_packed, step, offset = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:  # x arrives padded to whole groups, as the codes are
+        qw = QuantizedWeight(w_packed, step, offset, 4, ctx.group_size, "minmax", step.shape[1] * ctx.group_size)
+        grad_x = grad @ dequantize(qw)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("accel::int8_linear", _int8_backward, setup_context=_int8_setup)
+torch.library.register_autograd("accel::int4_linear", _int4_backward, setup_context=_int4_setup)
 
 register_backends("int8_linear", _int8_reference, triton_kernel("quant_matmul", "int8_linear"))
 register_backends("int4_linear", _int4_reference, triton_kernel("quant_matmul", "int4_linear"))
