@@ -135,8 +135,11 @@ def test_from_linear_pack_and_state_dict():
     torch.testing.assert_close(layer.weight, linear.weight)
     x = torch.randn(3, 100)
     expected = layer.eval()(x)
+    expected_signs = linear.weight.detach() >= 0
     layer.pack()
-    assert layer.packed and layer.weight is None
+    assert layer.packed and "weight" not in layer.state_dict()
+    torch.testing.assert_close(layer.weight, torch.where(expected_signs, 1.0, -1.0) * layer.weight_scale[:, None],
+                               rtol=0, atol=0)  # the signs times the scale, read and not kept
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     state = layer.state_dict()
     assert state["weight_bits"].numel() * 4 * 8 == 40 * 128  # 1 bit per weight, K padded to 128

@@ -105,7 +105,7 @@ def test_frozen_quantized_base_with_trainable_adapters_trains(bits):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.8 * first
-    assert all(m.base.weight is None for m in (model[0], model[2]))  # the base stayed packed
+    assert all(m.base.packed for m in (model[0], model[2]))  # the base stayed packed
 
 
 def modules():
@@ -143,3 +143,40 @@ def test_packed_modules_compile_as_one_graph(name, state):
     (grad_got,) = torch.autograd.grad(got, x, g)
     (grad_want,) = torch.autograd.grad(want, x, g)
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-5)
+
+
+def encoder(batch_first: bool) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bits, error", [(8, 0.01), (4, 0.08)])
+def test_quantized_transformer_encoder_in_eager_and_compiled(batch_first, bits, error):
+    """Every Linear, the attention's out_proj included, becomes a packed QuantLinear; torch's fused fast path
+    steps aside for the packed products; eager and compiled agree; the output stays near the float model's."""
+    torch.manual_seed(3)
+    model = encoder(batch_first)
+    reference = copy.deepcopy(model)
+    accel.quantize_(model, bits=bits, group_size=32)
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 6 and not any(type(m) is nn.Linear for m in model.modules())
+    calls = []
+    for m in quantized:
+        m.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(3, 10, 64) if batch_first else torch.randn(10, 3, 64)
+    with torch.no_grad():
+        got = model(x)
+        assert len(calls) == 4  # linear1 and linear2 of both layers; out_proj is read through its .weight
+        want = reference(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert ((got - want).norm() / want.norm()) < error
+    torch.testing.assert_close(compiled, got, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weight_reads_as_the_dequantized_weights():
+    layer = QuantLinear(64, 32, bits=4, group_size=32).pack()
+    weight = layer.weight
+    torch.testing.assert_close(weight, dequantize(layer.quantized_weight()), rtol=0, atol=0)
+    assert type(weight @ weight.T) is torch.Tensor  # functions see through it
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()

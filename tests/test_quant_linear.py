@@ -11,6 +11,7 @@ from torch import nn
 
 import accel
 from accel.nn import QuantLinear, distillation_loss
+from accel.ops import dequantize
 from accel.reference import quant as reference
 from conftest import assert_by_rule
 
@@ -105,7 +106,8 @@ def test_eval_runs_the_packed_product_and_matches_training(bits, group_size):
     assert_by_rule(train_out, want32, want64, "training forward (fake quantized)")
     assert_by_rule(eval_out, want32, want64, "eval forward (packed product)")
     layer.pack()
-    assert layer.packed and layer.weight is None
+    assert layer.packed and "weight" not in layer.state_dict()
+    torch.testing.assert_close(layer.weight, dequantize(layer.quantized_weight()), rtol=0, atol=0)  # read, not kept
     assert torch.equal(layer(x), eval_out)
     # the codes only: 96 inputs padded to whole groups (8 bits: 96, 4 bits: 96, 2 bits: 128) of `bits` bits each
     padded = {8: 96, 4: 96, 2: 128}[bits]

@@ -70,6 +70,12 @@ class BinaryLinear(PackedLinear):
             y = y * self._weight_scale(self.weight)
         return y if self.bias is None else y + self.bias
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """sign(W) * scale (out_features, in_features) float32: the weights the packed signs stand for."""
+        bits, scale = self._packed_weight()
+        signs = unpack_bits(bits, self.in_features)
+        return signs if scale is None else signs * scale.reshape(-1, 1)
+
     def _weight_scale(self, weight):
         return weight.abs().mean(dim=1) if self.scale == "channel" else weight.abs().mean()
 

@@ -38,7 +38,22 @@ class PackedLinear(nn.Module):
 
     @property
     def packed(self) -> bool:
-        return self.weight is None
+        return self._parameters.get("weight") is None
+
+    @property
+    def weight(self):
+        """The float weights (the trainable parameter); once packed, the weights the packed form stands for,
+        dequantized at each read and not kept, for torch's own code that reads ``.weight`` (nn.MultiheadAttention
+        reads its out_proj's). In eager mode they come as a DequantizedWeight, which makes torch's fused fast paths
+        (nn.TransformerEncoderLayer's, nn.MultiheadAttention's) step aside, so that the packed layers' own products
+        run."""
+        weight = self._parameters.get("weight")
+        if weight is not None:
+            return weight
+        return self.dequantized_weight().as_subclass(DequantizedWeight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def _cached(self, make):
         """make() of the current float weights, made again only when they change. A compiled graph makes it in the
@@ -46,7 +61,8 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling():
             with torch.no_grad():
                 return make()
-        version = (self.weight.data_ptr(), self.weight._version)
+        weight = self._parameters["weight"]
+        version = (weight.data_ptr(), weight._version)
         if self._cache is None or self._cache[0] != version:
             with torch.no_grad():
                 self._cache = (version, make())
@@ -54,8 +70,7 @@ class PackedLinear(nn.Module):
 
     def _keep_only(self, **buffers) -> "PackedLinear":
         """Drops the float weights for these buffers (the packed form): the weights are frozen from then on."""
-        del self.weight
-        self.weight = None
+        self._parameters["weight"] = None
         for name, value in buffers.items():
             self.register_buffer(name, value)
         self._cache = None
@@ -68,3 +83,13 @@ class PackedLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: `x` must have {self.in_features} input features, got shape "
                              f"{tuple(x.shape)}")
+
+
+class DequantizedWeight(torch.Tensor):
+    """A packed layer's weights, dequantized: a plain tensor to every function (they see through it, and return
+    plain tensors), but one that torch's fused fast paths decline, since it overrides __torch_function__."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))

@@ -49,6 +49,10 @@ class QuantLinear(PackedLinear):
                                    padded_features // self.weight_step.shape[1], self.scheme, self.in_features)
         return self._cached(lambda: quantize(self.weight.float(), self.bits, self.group_size, self.scheme))
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """W_hat (out_features, in_features) float32: the weights the codes stand for."""
+        return dequantize(self.quantized_weight())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x)
         if self.packed or not self.training:
@@ -99,8 +103,10 @@ def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
         check_count("quantize_", "probes", probes)
     elif not (isinstance(bits, int) and bits in (8, 4, 2)):
         raise ValueError(f"quantize_: `bits` must be 8, 4, 2 or 'auto', got {bits!r}")
+    # nn.Linear and its subclasses (as torchao's filter: nn.MultiheadAttention's out_proj is one; the attention
+    # reads its .weight, which a packed QuantLinear gives dequantized)
     linears = {name: m for name, m in model.named_modules()
-               if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, name))}
+               if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, name))}
     if bits == "auto":
         chosen = assign_bits(model, linears, calibration, budget, group_size, probes)
     elif bits in (8, 4, 2):
