@@ -180,3 +180,66 @@ def test_packed_weight_reads_as_the_dequantized_weights():
     torch.testing.assert_close(weight, dequantize(layer.quantized_weight()), rtol=0, atol=0)
     assert type(weight @ weight.T) is torch.Tensor  # functions see through it
     assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+
+
+def mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_checkpoints_load_both_ways(bits):
+    float_model = mlp(0)
+    x = torch.randn(5, 64)
+    direct = accel.quantize_(copy.deepcopy(float_model), bits=bits, group_size=32)
+    # a float checkpoint into a quantized model (another initialisation): quantized on load
+    other = accel.quantize_(mlp(1), bits=bits, group_size=32)
+    other.load_state_dict(float_model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), direct(x))
+    # a quantized checkpoint round-trips, its keys the packed buffers
+    keys = set(direct.state_dict())
+    assert keys == {f"{i}.{name}" for i in (0, 2) for name in ("weight_codes", "weight_step", "weight_offset", "bias")}
+    again = accel.quantize_(mlp(2), bits=bits, group_size=32)
+    again.load_state_dict(direct.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), direct(x))
+    # ... into unpacked QuantLinears (float weights): dequantized on load
+    unpacked = nn.Sequential(QuantLinear(64, 32, bits=bits, group_size=32), nn.ReLU(),
+                             QuantLinear(32, 8, bits=bits, group_size=32))
+    unpacked.load_state_dict(direct.state_dict())
+    for i in (0, 2):
+        torch.testing.assert_close(unpacked[i].weight, direct[i].dequantized_weight(), rtol=0, atol=0)
+    # ... and into the float model, through float_state_dict: the dequantized weights
+    restored = mlp(3)
+    restored.load_state_dict(accel.nn.float_state_dict(direct))
+    for i in (0, 2):
+        torch.testing.assert_close(restored[i].weight, direct[i].dequantized_weight(), rtol=0, atol=0)
+
+
+def test_binary_checkpoints_load_both_ways():
+    torch.manual_seed(4)
+    latent = BinaryLinear(64, 8)
+    packed = copy.deepcopy(latent).pack()
+    fresh = BinaryLinear(64, 8).pack()
+    fresh.load_state_dict(latent.state_dict())  # latent weights into a packed layer: packed on load
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), packed(x))
+    unpacked = BinaryLinear(64, 8)
+    unpacked.load_state_dict(packed.state_dict())  # packed into a latent one: sign(W) * scale
+    torch.testing.assert_close(unpacked.weight, packed.dequantized_weight(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(unpacked.eval()(x), packed(x), rtol=1e-6, atol=1e-6)
+
+
+def test_torchaos_config_objects_and_positional_filter():
+    x = torch.randn(5, 64)
+    for config, bits, group_size in ((accel.Int8DynamicActivationInt8WeightConfig(), 8, 128),
+                                     (accel.Int4WeightOnlyConfig(group_size=32), 4, 32)):
+        by_config = accel.quantize_(mlp(0), config, lambda m, name: name == "0")
+        by_bits = accel.quantize_(mlp(0), bits=bits, group_size=group_size, filter_fn=lambda m, name: name == "0")
+        assert isinstance(by_config[0], QuantLinear) and type(by_config[2]) is nn.Linear
+        assert (by_config[0].bits, by_config[0].group_size) == (by_bits[0].bits, by_bits[0].group_size)
+        with torch.no_grad():
+            assert torch.equal(by_config(x), by_bits(x))

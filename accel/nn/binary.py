@@ -70,10 +70,24 @@ class BinaryLinear(PackedLinear):
             y = y * self._weight_scale(self.weight)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def packed_names(self) -> tuple:
+        return ("weight_bits",) if self.scale == "none" else ("weight_bits", "weight_scale")
+
     def dequantized_weight(self) -> torch.Tensor:
         """sign(W) * scale (out_features, in_features) float32: the weights the packed signs stand for."""
         bits, scale = self._packed_weight()
-        signs = unpack_bits(bits, self.in_features)
+        return self.weight_from_packed({"weight_bits": bits, "weight_scale": scale})
+
+    def packed_state(self, weight: torch.Tensor) -> dict:
+        state = {"weight_bits": pack_bits(weight)}
+        if self.scale != "none":
+            state["weight_scale"] = self._weight_scale(weight).float()
+        return state
+
+    def weight_from_packed(self, buffers: dict) -> torch.Tensor:
+        signs = unpack_bits(buffers["weight_bits"], self.in_features)
+        scale = buffers.get("weight_scale")
         return signs if scale is None else signs * scale.reshape(-1, 1)
 
     def _weight_scale(self, weight):

@@ -44,7 +44,7 @@ class PackedLinear(nn.Module):
     def weight(self):
         """The float weights (the trainable parameter); once packed, the weights the packed form stands for,
         dequantized at each read and not kept, for torch's own code that reads ``.weight`` (nn.MultiheadAttention
-        reads its out_proj's). In eager mode they come as a DequantizedWeight, which makes torch's fused fast paths
+        reads its out_proj's). They come as a DequantizedWeight, which makes torch's fused fast paths
         (nn.TransformerEncoderLayer's, nn.MultiheadAttention's) step aside, so that the packed layers' own products
         run."""
         weight = self._parameters.get("weight")
@@ -52,8 +52,33 @@ class PackedLinear(nn.Module):
             return weight
         return self.dequantized_weight().as_subclass(DequantizedWeight)
 
+    # the packed form's buffers, by name (a subclass's), and its conversions to and from float weights
+    packed_names: tuple = ()
+
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def packed_state(self, weight: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def weight_from_packed(self, buffers: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Checkpoints load both ways: a float one (``weight``, as nn.Linear's) into a packed layer, packed on load;
+        a packed one (the packed buffers) into a layer with float weights, dequantized on load."""
+        weight_key = prefix + "weight"
+        packed_keys = {name: prefix + name for name in self.packed_names}
+        has_packed = all(key in state_dict for key in packed_keys.values())
+        if self.packed and weight_key in state_dict and not has_packed:
+            weight = state_dict.pop(weight_key)
+            state_dict.update({prefix + name: value for name, value in self.packed_state(weight).items()})
+        elif not self.packed and has_packed and weight_key not in state_dict:
+            buffers = {name: state_dict.pop(key) for name, key in packed_keys.items()}
+            state_dict[weight_key] = self.weight_from_packed(buffers).to(self._parameters["weight"].dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _cached(self, make):
         """make() of the current float weights, made again only when they change. A compiled graph makes it in the
@@ -83,6 +108,19 @@ class PackedLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: `x` must have {self.in_features} input features, got shape "
                              f"{tuple(x.shape)}")
+
+
+def float_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with every packed layer's buffers replaced by its dequantized ``weight``: a checkpoint
+    that the float model (nn.Linear in place of each packed layer) loads."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear) and module.packed:
+            prefix = f"{name}." if name else ""
+            for buffer in module.packed_names:
+                state.pop(prefix + buffer, None)
+            state[prefix + "weight"] = module.dequantized_weight()
+    return state
 
 
 class DequantizedWeight(torch.Tensor):

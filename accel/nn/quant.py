@@ -8,6 +8,7 @@ for good. ``accel.quantize_(model, ...)`` swaps a model's nn.Linear layers for p
 torchao's style.
 """
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,21 @@ class QuantLinear(PackedLinear):
                                    padded_features // self.weight_step.shape[1], self.scheme, self.in_features)
         return self._cached(lambda: quantize(self.weight.float(), self.bits, self.group_size, self.scheme))
 
+    packed_names = ("weight_codes", "weight_step", "weight_offset")
+
     def dequantized_weight(self) -> torch.Tensor:
         """W_hat (out_features, in_features) float32: the weights the codes stand for."""
         return dequantize(self.quantized_weight())
+
+    def packed_state(self, weight: torch.Tensor) -> dict:
+        qw = quantize(weight.float(), self.bits, self.group_size, self.scheme)
+        return {"weight_codes": qw.codes, "weight_step": qw.step, "weight_offset": qw.offset}
+
+    def weight_from_packed(self, buffers: dict) -> torch.Tensor:
+        codes, step = buffers["weight_codes"], buffers["weight_step"]
+        group_size = codes.shape[1] * 8 // self.bits // step.shape[1]
+        return dequantize(QuantizedWeight(codes, step, buffers["weight_offset"], self.bits, group_size, self.scheme,
+                                          self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x)
@@ -77,17 +90,39 @@ class QuantLinear(PackedLinear):
                 (", packed" if self.packed else ""))
 
 
-def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None, *, budget: float | None = None,
-              calibration: Callable[[nn.Module], torch.Tensor] | None = None, probes: int = 16) -> nn.Module:
-    """Replaces, in place, every nn.Linear of ``model`` (those for which filter_fn(module, name) is true) by a packed
-    QuantLinear with its weights; returns the model.
+@dataclass(frozen=True)
+class Int8DynamicActivationInt8WeightConfig:
+    """torchao's config name for accel's 8 bits: int8 weights per output channel, the activations quantized per row
+    inside the product."""
 
-    bits: 8, 4 or 2 for every layer, or "auto": each layer gets 8, 4 or 2 bits from its sensitivity (HAWQ's
-    Tr(H) / n * ||Q(W) - W||^2, with the Hessian trace of the loss ``calibration(model)`` estimated by Hutchinson's
-    method over ``probes`` Rademacher vectors), lowering first the layers where the least sensitivity is added per
-    bit saved, until the average bits per weight is at most ``budget``.
+
+@dataclass(frozen=True)
+class Int4WeightOnlyConfig:
+    """torchao's config name for accel's 4 bits: minmax groups of ``group_size`` along the input, float
+    activations."""
+    group_size: int = 128
+
+
+CONFIGS = (Int8DynamicActivationInt8WeightConfig, Int4WeightOnlyConfig)
+
+
+def quantize_(model: nn.Module, bits=8, group_size=128, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+              *, budget: float | None = None, calibration: Callable[[nn.Module], torch.Tensor] | None = None,
+              probes: int = 16) -> nn.Module:
+    """Replaces, in place, every nn.Linear of ``model`` (subclasses included; those for which filter_fn(module,
+    name) is true) by a packed QuantLinear with its weights; returns the model.
+
+    bits: 8, 4 or 2 for every layer; a config as torchao names them, ``quantize_(model, config, filter_fn)``
+    (Int8DynamicActivationInt8WeightConfig(), Int4WeightOnlyConfig(group_size)); or "auto": each layer gets 8, 4
+    or 2 bits from its sensitivity (HAWQ's Tr(H) / n * ||Q(W) - W||^2, with the Hessian trace of the loss
+    ``calibration(model)`` estimated by Hutchinson's method over ``probes`` Rademacher vectors), lowering first the
+    layers where the least sensitivity is added per bit saved, until the average bits per weight is at most
+    ``budget``.
     """
+    if isinstance(bits, CONFIGS):
+        if callable(group_size) and filter_fn is None:  # torchao's third positional argument is filter_fn
+            group_size, filter_fn = 128, group_size
+        bits, group_size = (4, bits.group_size) if isinstance(bits, Int4WeightOnlyConfig) else (8, group_size)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_: `model` must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):  # it swaps the Linears inside a model and cannot swap the model itself
@@ -102,7 +137,8 @@ def quantize_(model: nn.Module, bits: int | str = 8, group_size: int = 128,
             raise ValueError(f"quantize_: `budget` must be a finite number of bits per weight > 0, got {budget!r}")
         check_count("quantize_", "probes", probes)
     elif not (isinstance(bits, int) and bits in (8, 4, 2)):
-        raise ValueError(f"quantize_: `bits` must be 8, 4, 2 or 'auto', got {bits!r}")
+        raise ValueError(f"quantize_: `bits` must be 8, 4, 2, 'auto' or one of {[c.__name__ for c in CONFIGS]}, got "
+                         f"{bits!r}")
     # nn.Linear and its subclasses (as torchao's filter: nn.MultiheadAttention's out_proj is one; the attention
     # reads its .weight, which a packed QuantLinear gives dequantized)
     linears = {name: m for name, m in model.named_modules()
