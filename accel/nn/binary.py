@@ -33,6 +33,9 @@ class BinaryLinear(PackedLinear):
             then inference runs as a float product with the binarized weights, with no packed kernel).
         o_end, t, delta: ReSTE's final power, threshold and interval. Call ``set_progress(epoch / epochs)``
             each epoch to follow the paper's cosine schedule of the power from 1 to o_end.
+
+    state_dict keys: ``weight`` and ``bias`` (nn.Linear's) with latent weights; ``weight_bits``, ``weight_scale``
+    (unless scale="none") and ``bias`` once packed; either loads into either kind of layer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, estimator: str = "reste",

@@ -30,6 +30,10 @@ class QuantLinear(PackedLinear):
         scheme: "symmetric" or "minmax"; default as above.
         gradient: how training differentiates the quantized weights: "straight_through" or "scale" (also
             through each group's step and offset, as Polino et al.; accel.ops.fake_quantize).
+
+    state_dict keys: ``weight`` and ``bias`` (nn.Linear's) with float weights; ``weight_codes``, ``weight_step``,
+    ``weight_offset`` and ``bias`` once packed. Either kind of checkpoint loads into either kind of layer (packed
+    or dequantized on load); accel.nn.float_state_dict gives a packed model's checkpoint for the float model.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 128,
