@@ -1,4 +1,5 @@
 """``python -m accel info``: versions, CPU features, and which backend serves each op on each device."""
+import os
 import platform
 import sys
 
@@ -7,7 +8,7 @@ import torch
 from accel import _extension
 from accel.ops import _library
 
-CPU_FEATURES = ["avx2", "fma", "popcnt", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "bmi2"]
+CPU_FEATURES = ["avx2", "fma", "popcnt", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "f16c", "bmi2"]
 
 
 def cpu_description() -> tuple[str, list[str]]:
@@ -23,6 +24,16 @@ def cpu_description() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, [feat for feat in CPU_FEATURES if feat in flags]
+
+
+def int8_path(features: list[str]) -> str:
+    """Which of the C++ int8 product's paths runs here (csrc/cpu/simd.h picks it the same way)."""
+    if _extension.LOADED and {"avx512f", "avx512bw", "avx512_vnni"} <= set(features) and \
+            os.environ.get("ACCEL_CPU_ISA") != "avx2":
+        return "AVX-512 VNNI (vpdpbusd)"
+    if {"avx2", "fma"} <= set(features):
+        return "AVX2 (vpmaddubsw)"
+    return "portable"
 
 
 def _version(module: str) -> str:
@@ -63,6 +74,7 @@ def main(argv=None) -> int:
     print(f"triton       {_version('triton')}")
     print(f"numpy        {_version('numpy')}")
     print(f"cpu          {model}; {torch.get_num_threads()} threads; features: {' '.join(features) or 'none known'}")
+    print(f"int8 path    {int8_path(features)} (ACCEL_CPU_ISA=avx2 keeps to AVX2)")
     print(f"cuda device  {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     if _extension.LOADED:
         print("extension    accel._C loaded")

@@ -41,7 +41,9 @@ def numpy_int8_linear(x, w, bias):
     return (qx @ qw.T).astype(np.float64) * sx[:, None] * sw[None, :] + bias.numpy()
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (3, 7, 33), (2, 65, 1000), (9, 5, 4096)])
+# rows by fours and their remainders (the VNNI path's tiles), and K ending on half a 64-code step
+@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (3, 7, 33), (2, 65, 1000), (9, 5, 4096), (6, 37, 96), (4, 33, 64),
+                                     (7, 4, 2100)])
 def test_int8_product_matches_integer_arithmetic(M, N, K):
     x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     got = quant_matmul(x, quantize(w, 8), bias)

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 // The AVX2 clone is named by the x86-64-v3 ISA level, not by a CPU: GCC's resolver tests "arch=haswell" with
@@ -58,9 +59,35 @@ inline void store_span(void* dst, const void* src, int64_t bytes, bool stream) {
 }
 
 // Whether this CPU runs the ACCEL_AVX2 paths (checked once).
+// Whether ACCEL_CPU_ISA=avx2 asks to keep to the AVX2 paths (checked once).
+inline bool avx2_requested() {
+  static const bool yes = [] {
+    const char* isa = std::getenv("ACCEL_CPU_ISA");
+    return isa != nullptr && std::strcmp(isa, "avx2") == 0;
+  }();
+  return yes;
+}
+
 inline bool cpu_has_avx2() {
 #if defined(ACCEL_X86_AVX2)
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 with VNNI (vpdpbusd: four byte products added into each int32 lane in one instruction), picked at run
+// time with cpu_has_avx512_vnni() beside the AVX2 path; ACCEL_CPU_ISA=avx2 in the environment holds the kernels to
+// AVX2 (to compare the two paths on one machine).
+#if defined(ACCEL_X86_AVX2)
+#define ACCEL_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
+
+inline bool cpu_has_avx512_vnni() {
+#if defined(ACCEL_X86_AVX2)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni") && !avx2_requested();
   return yes;
 #else
   return false;
