@@ -182,7 +182,6 @@ class FlatSolver:
         return event_t, self.dense(y, k, t0, h, event_t)
 
     def _solve_fixed(self, y0, times, event_fn):
-        tab = self.tableau
         if event_fn is not None:
             if self.step_size is None:
                 raise ValueError("odeint: events with a fixed-step method need options['step_size']")
@@ -214,7 +213,7 @@ class FlatSolver:
             h = t1 - t0
             self.on_step(t0, y, h)
             k0 = self.f(t0, y, 1 if self.perturb else 0)
-            y1, k, _ = self._fixed_stages(t0, y, k0, h, t1)
+            y1 = self._fixed_step(t0, y, k0, h, t1)
             f1 = None
             if self.interp == "cubic":
                 f1 = self.f(t1, y1)
@@ -229,14 +228,15 @@ class FlatSolver:
             y = y1
         return torch.stack(out)
 
-    def _fixed_stages(self, t0, y, k0, h, t1):
+    def _fixed_step(self, t0, y, k0, h, t1):
+        """y1 of a fixed step; with ``perturb`` its last stage is evaluated just before t1."""
         tab = self.tableau
         k = [k0]
         for i, row in enumerate(self.rows, start=1):
             g = _combine(y, k, h, row)
             c = tab.c[i]
             k.append(self.f(t1, g, -1 if self.perturb else 0) if c == 1.0 else self.f(t0 + c * h, g))
-        return _combine(y, k, h, self.b), k, None
+        return _combine(y, k, h, self.b)
 
     def _between(self, t0, y0, f0, t1, y1, f1, t):
         """A fixed-step solution at t in (t0, t1]: linear, or cubic Hermite with f1 = f(t1, y1)."""
