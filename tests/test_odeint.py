@@ -184,7 +184,8 @@ def test_gradients_with_respect_to_the_times():
     y0 = torch.randn(3, 2, dtype=F64, requires_grad=True)
     t = torch.tensor([0.2, 0.7, 1.5], dtype=F64, requires_grad=True)
     w = torch.randn(3, 3, 2, dtype=F64)
-    for solve in (accel.odeint, lambda *a, **k: accel.odeint_adjoint(*a, adjoint_params=(), **k)):
+    for solve in (accel.odeint, lambda *a, **k: accel.odeint_adjoint(*a, adjoint_params=(), **k),
+                  lambda *a, **k: accel.odeint(*a, per_sample=True, options={"params": ()}, **k)):
         ys = solve(f, y0, t, rtol=1e-10, atol=1e-12)
         grad_y0, grad_t = torch.autograd.grad((ys * w).sum(), (y0, t))
         with torch.no_grad():

@@ -160,7 +160,7 @@ class FlatSolver:
                 k0 = self.f(t1, y1)
                 k = k + [k0]
             if event_fn is not None and _sign(event_fn(t1, y1)) != sign0:
-                return self._locate_event(event_fn, sign0, y, k, t, h)
+                return self._locate_event(event_fn, sign0, t, t1, lambda s: self.dense(y, k, t, h, s))
             while index < len(times) and times[index] <= t1:
                 out.append(y1 if times[index] == t1 else self.dense(y, k, t, h, times[index]))
                 index += 1
@@ -168,18 +168,19 @@ class FlatSolver:
             h = self.next_step(h, ratio, True)
         return torch.stack(out)
 
-    def _locate_event(self, event_fn, sign0, y, k, t0, h):
-        """Bisection on the step's interpolant for the time the event function changes sign, to within atol."""
-        lo, hi = t0, t0 + h
+    def _locate_event(self, event_fn, sign0, t0, t1, state_at):
+        """Bisection between t0 and t1 for the time the event function changes sign, to within atol, on the step's
+        interpolant ``state_at(t)``: (event time, state there)."""
+        lo, hi = t0, t1
         with torch.no_grad():
-            for _ in range(max(0, math.ceil(math.log2(h / max(self.atol, 1e-300))))):
+            for _ in range(max(0, math.ceil(math.log2((t1 - t0) / max(self.atol, 1e-300))))):
                 mid = (lo + hi) / 2
-                if _sign(event_fn(mid, self.dense(y, k, t0, h, mid))) == sign0:
+                if _sign(event_fn(mid, state_at(mid))) == sign0:
                     lo = mid
                 else:
                     hi = mid
         event_t = (lo + hi) / 2
-        return event_t, self.dense(y, k, t0, h, event_t)
+        return event_t, state_at(event_t)
 
     def _solve_fixed(self, y0, times, event_fn):
         if event_fn is not None:
@@ -219,7 +220,8 @@ class FlatSolver:
                 f1 = self.f(t1, y1)
             if event_fn is not None:
                 if _sign(event_fn(t1, y1)) != sign0:
-                    return self._locate_fixed_event(event_fn, sign0, t0, y, k0, t1, y1, f1)
+                    return self._locate_event(event_fn, sign0, t0, t1,
+                                              lambda s: self._between(t0, y, k0, t1, y1, f1, s))
                 y = y1
                 continue
             while index < len(times) and times[index] <= t1:
@@ -248,20 +250,6 @@ class FlatSolver:
         h = t1 - t0
         return ((1 + 2 * x) * (1 - x) ** 2 * y0 + x * (1 - x) ** 2 * h * f0 + x * x * (3 - 2 * x) * y1
                 + x * x * (x - 1) * h * f1)
-
-    def _locate_fixed_event(self, event_fn, sign0, t0, y0, f0, t1, y1, f1):
-        lo, hi = t0, t1
-        with torch.no_grad():
-            for _ in range(max(0, math.ceil(math.log2((t1 - t0) / max(self.atol, 1e-300))))):
-                mid = (lo + hi) / 2
-                value = self._between(t0, y0.detach(), f0.detach(), t1, y1.detach(),
-                                      None if f1 is None else f1.detach(), mid)
-                if _sign(event_fn(mid, value)) == sign0:
-                    lo = mid
-                else:
-                    hi = mid
-        event_t = (lo + hi) / 2
-        return event_t, self._between(t0, y0, f0, t1, y1, f1, event_t)
 
 
 def _combine(y: Tensor, k: list, h: float, weights) -> Tensor:

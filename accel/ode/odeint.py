@@ -8,9 +8,8 @@ Flow: odeint checks its arguments, flattens the state (accel/ode/state.py) and r
   dimension of y0) has its own step size, error norm, output times (``t`` of shape (T, B)) and events; func gets
   the times shaped (B, 1, ..., 1). Its gradient is the discrete adjoint, which recomputes the stages.
 
-Gradients with respect to the output times follow from the ODE itself: d y(t_i) / d t_i = f(t_i, y(t_i)) and
-d y(t_i) / d t_0 = -(d y(t_i) / d y0) f(t_0, y0). They are attached as terms whose value is zero and whose
-derivative is that (one more evaluation of func per output time, only when t requires grad).
+Gradients with respect to the output times follow from the ODE itself (accel/ode/time_gradient.py, in both
+modes): one more evaluation of func per output time, only when t requires grad.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from accel.ode import time_gradient
 from accel.ode.event_gradient import EventGradient
 from accel.ode.flat_solver import FlatSolver
 from accel.ode.per_sample import solve_per_sample
@@ -226,14 +226,13 @@ class _Problem:
         return torch.tensor(self.direction * s, dtype=self.t.dtype, device=self.t.device)
 
     def shifted_initial_state(self) -> Tensor:
-        """y0, plus (when t requires grad) the zero-valued term -(t0 - t0) f(t0, y0) that carries d/dt0."""
+        """y0, shifted (when t requires grad) to carry d/dt0 (accel/ode/time_gradient.py)."""
         flat = self.state.flat
         if not self.t.requires_grad:
             return flat
         with torch.no_grad():
             f0 = self.call(self.times[0], flat) * self.direction
-        t0 = self.t[0].to(flat.dtype)
-        return flat - (t0 - t0.detach()) * f0
+        return time_gradient.shifted_initial_state(flat, self.t[0].to(flat.dtype), f0)
 
     def finish(self, ys: Tensor):
         """The user's structure from the solver's (T, 1, N), with y(t[0]) = y0 itself and the time terms."""
@@ -242,8 +241,7 @@ class _Problem:
             with torch.no_grad():
                 fs = torch.stack([self.call(s, y.detach()) * self.direction
                                   for s, y in zip(self.times[1:], ys[1:])])
-            ti = self.t[1:].to(flat0.dtype)[:, None, None]
-            ys = torch.cat([flat0[None], ys[1:] + (ti - ti.detach()) * fs])
+            ys = time_gradient.with_output_terms(flat0, ys, self.t.to(flat0.dtype)[:, None], fs)
         else:
             ys = torch.cat([flat0[None], ys[1:]])
         return self.state.unflatten(ys, (ys.shape[0],))

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from accel.ode import time_gradient
 from accel.ode.event_gradient import EventGradient
 from accel.ops._checks import check_count, check_tolerances, is_real
 from accel.ops.rk_control import interpolate_at, rk_accept_unchecked, rk_begin_unchecked
@@ -98,7 +99,8 @@ def solve_per_sample(problem, event_fn, regularization, return_stats):
         results = [problem.state.unflatten(empty, (empty.shape[0],))] + ([y0.new_zeros(0)] if regularization else [])
         results += [solver.stats] if return_stats else []
         return tuple(results) if len(results) > 1 else results[0]
-    needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
+    needs_grad = torch.is_grad_enabled() and (y0.requires_grad or t.requires_grad
+                                              or any(p.requires_grad for p in params))
     if event_fn is not None:
         if regularization is not None:
             raise ValueError(f"{op}: `regularization` cannot be combined with `event_fn`")
@@ -119,29 +121,26 @@ def solve_per_sample(problem, event_fn, regularization, return_stats):
         solution = problem.state.unflatten(torch.stack([y0, y_event]), (2,))
         results = [event_t.to(t.dtype), solution]
         return tuple(results + [solver.stats]) if return_stats else tuple(results)
+    # the times as (T, B) in y's dtype, and f at them in the user's time, for their gradients
+    per_sample_t = (t if t.dim() == 2 else t[:, None].expand(-1, B)).to(y0.dtype)
+    user_f = lambda s, y: func(s.expand(B).contiguous(), y) * sign[:, None]  # noqa: E731
+    start_state = y0
+    if t.requires_grad:
+        with torch.no_grad():
+            f0 = user_f(times[0], y0)
+        start_state = time_gradient.shifted_initial_state(y0, per_sample_t[0], f0)
     if needs_grad:
-        results = _Solve.apply(solver, y0, *params)
+        results = _Solve.apply(solver, start_state, *params)
     else:
         with torch.no_grad():
             results = solver.solve(y0, keep_trace=False)
     ys, *regularizer = results if regularization else (results,)
-    if t.requires_grad:
-        ys = _time_terms(ys, t, sign, func, times)
+    if t.requires_grad and ys.shape[0] > 1:
+        with torch.no_grad():
+            fs = torch.stack([user_f(times[i], ys[i]) for i in range(1, ys.shape[0])])
+        ys = time_gradient.with_output_terms(y0, ys, per_sample_t, fs)
     results = [problem.state.unflatten(ys, (ys.shape[0],)), *regularizer] + ([solver.stats] if return_stats else [])
     return tuple(results) if len(results) > 1 else results[0]
-
-
-def _time_terms(ys, t, sign, func, times):
-    """Attaches d y_b(t_ib) / d t_ib = f_b and d y_b(t_ib) / d t_0b = -(d y_b(t_ib) / d y0_b) f_b(t_0b): terms of
-    value zero (see accel.ode.odeint)."""
-    T, B, _ = ys.shape
-    grid = times if times.dim() == 2 else times[:, None].expand(T, B)
-    with torch.no_grad():
-        fs = torch.stack([func(grid[i].contiguous(), ys[i].detach()) * sign[:, None] for i in range(T)])
-    tt = (t if t.dim() == 2 else t[:, None].expand(T, B)).to(ys.dtype)
-    moved = (tt - tt.detach())[..., None] * fs
-    # moving t0 shifts the whole solution by -(dy/dy0) f0; its first-order effect on ys[0] = y0 is nil
-    return ys + moved - moved[:1] * (torch.arange(T, device=ys.device) > 0)[:, None, None]
 
 
 def _sample_event(op, event_fn, state, sign, user_dims):

@@ -181,11 +181,11 @@ def stiffness(k, g):
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), torch.zeros_like(num))
 
 
-def initial_step(f, t0, y0, f0, order, rtol, atol, batch=False):
-    """Hairer's starting step (Solving ODEs I, II.4): from the sizes of y0, f0 and a difference quotient of f; per
-    sample, or with ``batch`` from RMS norms over the whole batch (one step for all, as torchdiffeq picks it)."""
+def initial_step(f, t0, y0, f0, order, rtol, atol):
+    """Hairer's starting step (Solving ODEs I, II.4) per sample: from the sizes of y0, f0 and a difference quotient
+    of f."""
     scale = atol + rtol * y0.abs()
-    rms = (lambda v: v.pow(2).mean().sqrt().expand(v.shape[0])) if batch else (lambda v: v.pow(2).mean(-1).sqrt())
+    rms = lambda v: v.pow(2).mean(-1).sqrt()  # noqa: E731
     d0 = rms(y0 / scale)
     d1 = rms(f0 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
