@@ -49,9 +49,7 @@ class QuantLinear(PackedLinear):
     def quantized_weight(self) -> QuantizedWeight:
         """The packed weights: cached until the float weights change."""
         if self.packed:
-            padded_features = self.weight_codes.shape[1] * 8 // self.bits
-            return QuantizedWeight(self.weight_codes, self.weight_step, self.weight_offset, self.bits,
-                                   padded_features // self.weight_step.shape[1], self.scheme, self.in_features)
+            return self._from_buffers(self.weight_codes, self.weight_step, self.weight_offset)
         return self._cached(lambda: quantize(self.weight.float(), self.bits, self.group_size, self.scheme))
 
     packed_names = ("weight_codes", "weight_step", "weight_offset")
@@ -65,10 +63,12 @@ class QuantLinear(PackedLinear):
         return {"weight_codes": qw.codes, "weight_step": qw.step, "weight_offset": qw.offset}
 
     def weight_from_packed(self, buffers: dict) -> torch.Tensor:
-        codes, step = buffers["weight_codes"], buffers["weight_step"]
+        return dequantize(self._from_buffers(buffers["weight_codes"], buffers["weight_step"], buffers["weight_offset"]))
+
+    def _from_buffers(self, codes, step, offset) -> QuantizedWeight:
+        """The QuantizedWeight of packed buffers; their shapes give the group size."""
         group_size = codes.shape[1] * 8 // self.bits // step.shape[1]
-        return dequantize(QuantizedWeight(codes, step, buffers["weight_offset"], self.bits, group_size, self.scheme,
-                                          self.in_features))
+        return QuantizedWeight(codes, step, offset, self.bits, group_size, self.scheme, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x)
